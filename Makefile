@@ -1,0 +1,47 @@
+# tkpbench: `make demo` runs the whole chain on generated data; `make test` runs the tests.
+PY      ?= python3
+VENV    ?= .venv
+BIN      = $(VENV)/bin
+STAMP    = $(VENV)/.installed
+NPROC   ?= $(shell $(PY) -c "import torch;print(max(torch.cuda.device_count(),1))" 2>/dev/null || echo 1)
+
+.PHONY: install test test-fast test-all demo bench report reproduce-voc reproduce-coco ablation sweep clean-demo
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+# The default test run: everything, the slow end-to-end tests included (fits CI's budget).
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+demo: install
+	./reproduce.sh demo
+
+bench: install
+	$(BIN)/python -m tkpbench.bench
+
+report: install
+	$(BIN)/python -m tkpbench.report results
+
+reproduce-voc: install
+	./reproduce.sh voc
+
+reproduce-coco: install
+	./reproduce.sh coco
+
+ablation: install
+	./reproduce.sh ablation
+
+sweep: install
+	./reproduce.sh sweep
+
+clean-demo:
+	rm -rf runs/demo* data/demo results/demo*

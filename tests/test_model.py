@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from tkpbench.config import ModelConfig
+from tkpbench.encoder import PatchEncoder, WeightsError
+from tkpbench.model import TKPPCL, merge_with_tags, tkp_loss
+
+TINY = dict(encoder="vit_tiny_patch16_224", encoder_kwargs={"depth": 2}, img_size=64, hidden=8, num_classes=5, k=2)
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    return TKPPCL(ModelConfig(**{**TINY, **kw}))
+
+
+def test_forward_backward_on_a_tiny_config():
+    m = tiny_model()
+    x = torch.randn(2, 3, 64, 64)
+    out = m(x)
+    assert out.z.shape == (2, 16, 5) and out.y.shape == (2, 5) and out.features.shape == (2, 16, 32)
+    torch.testing.assert_close(out.z.sum(-1), torch.ones(2, 16))
+    tags = torch.tensor([[1, 0, 1, 0, 0], [1, 1, 0, 0, 1]], dtype=torch.bool)
+    losses = tkp_loss(out, tags, m.cfg)
+    assert losses["pce"].requires_grad
+    losses["loss"].backward()
+    assert m.classifier.weight.grad.abs().sum() > 0
+
+
+def test_frozen_encoder_parameters_get_no_gradient():
+    m = tiny_model()
+    m.encoder.unfreeze(1)
+    out = m(torch.randn(2, 3, 64, 64))
+    tkp_loss(out, torch.ones(2, 5, dtype=torch.bool), m.cfg)["loss"].backward()
+    blocks = m.encoder.vit.blocks
+    assert all(p.grad is None for p in blocks[0].parameters())
+    assert all(p.grad is None for p in m.encoder.vit.patch_embed.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in blocks[1].parameters())
+    assert all(p.grad is not None for p in m.encoder.vit.norm.parameters())
+
+
+def test_encoder_runs_at_two_input_sizes():
+    enc = PatchEncoder("vit_tiny_patch16_224", img_size=64, depth=1)
+    t1, g1 = enc(torch.randn(1, 3, 64, 64))
+    t2, g2 = enc(torch.randn(1, 3, 96, 160))
+    assert g1 == (4, 4) and t1.shape == (1, 16, 192)
+    assert g2 == (6, 10) and t2.shape == (1, 60, 192)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        enc(torch.randn(1, 3, 70, 64))
+
+
+def test_encoder_uses_fused_attention():
+    enc = PatchEncoder("vit_tiny_patch16_224", img_size=64, depth=1)
+    assert all(b.attn.fused_attn for b in enc.vit.blocks)
+
+
+def test_weights_round_trip_and_clear_errors(tmp_path):
+    src = PatchEncoder("vit_tiny_patch16_224", img_size=64, depth=2)
+    path = tmp_path / "w.pth"
+    torch.save(src.vit.state_dict(), path)
+    dst = PatchEncoder("vit_tiny_patch16_224", weights=path, img_size=64, depth=2)
+    torch.testing.assert_close(dst.vit.blocks[1].mlp.fc1.weight, src.vit.blocks[1].mlp.fc1.weight)
+    # weights saved at another size are resampled by timm's position-embedding filter
+    bigger = PatchEncoder("vit_tiny_patch16_224", weights=path, img_size=96, depth=2)
+    assert bigger.vit.pos_embed.shape[1] == 1 + 36
+    from safetensors.torch import save_file
+
+    st_path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.vit.state_dict().items()}, str(st_path))
+    PatchEncoder("vit_tiny_patch16_224", weights=st_path, img_size=64, depth=2)
+    with pytest.raises(WeightsError, match="does not exist.*vit_tiny_patch16_224"):
+        PatchEncoder("vit_tiny_patch16_224", weights=tmp_path / "missing.pth", img_size=64, depth=2)
+    with pytest.raises(WeightsError, match="w.pth.*vit_tiny_patch16_224"):
+        PatchEncoder("vit_tiny_patch16_224", weights=path, img_size=64, depth=3)
+
+
+def test_merge_zeroes_absent_classes_and_renormalises():
+    z = torch.rand(2, 4, 3, 3).softmax(1)
+    tags = torch.tensor([[0, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    m = merge_with_tags(z, tags)
+    torch.testing.assert_close(m.sum(1), torch.ones(2, 3, 3))
+    assert torch.all(m[0, [1, 3]] == 0) and torch.all(m[1, 2] == 0)
+    assert torch.all(m[0, 0] > 0)  # background is always kept

@@ -1,0 +1,279 @@
+"""One typed configuration for every stage, with the paper's values as defaults.
+
+Configs are TOML files whose tables mirror the dataclasses below (``[model]``, ``[data]``,
+``[train]``, ``[pseudo]``, ``[crf]``, ``[seg]``). A file may name a parent with
+``base = "other.toml"`` (resolved relative to the file); its keys override the parent's.
+Unknown keys and wrong types are errors that name the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tkpbench.io import atomic_write_text
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    # timm name; ".orig_in21k_ft_in1k" is the original Google in21k->in1k ViT-B/16 384 that
+    # ViT-PCM used (mean = std = 0.5).
+    encoder: str = "vit_base_patch16_384.orig_in21k_ft_in1k"
+    encoder_kwargs: dict = field(default_factory=dict)  # e.g. {depth = 2} for tiny demo encoders
+    weights: str = ""  # local .pth / .safetensors / .npz; "" = random init (demo and tests only)
+    img_size: int = 384
+    num_classes: int = 21
+    hidden: int = 192  # per LSTM direction; output 4 * hidden
+    dropout: float = 0.2
+    pooling: str = "topk"  # "topk" | "max" | "avg"
+    k: int = 6
+    pce: bool = True
+    eps: float = 0.85
+    alpha: float = 0.01
+    clamp: float = 1e-5  # y is clamped to [clamp, 1 - clamp] inside the BCE
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "voc"  # "voc" | "coco"
+    root: str = "data/VOCdevkit/VOC2012"  # VOC: the VOC2012 folder; COCO: holds train2014/, annotations/
+    train_split: str = "train_aug"
+    val_split: str = "val"
+    mask_split: str = "train"  # the split whose pseudo masks Table 1 scores
+    seg_train_split: str = "train_aug"  # pseudo masks DeepLab trains on
+    tags: str = "mask"  # VOC: "mask" (class set of the mask, like cls_labels.npy) or "xml"
+    workers: int = 4
+    cache_images: bool = False  # keep resized uint8 images in memory
+    # training augmentation (SPEC Sec. 1, ViT-PCM's recipe)
+    hflip: float = 0.5
+    color_jitter: list = field(default_factory=lambda: [0.3, 0.3, 0.3, 0.1])
+    rrc_p: float = 0.3
+    rrc_scale: list = field(default_factory=lambda: [0.5, 1.0])
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 16  # global, whatever the number of processes
+    micro_batch: int = 0  # per-rank forward size; 0 = whole per-rank batch (no accumulation)
+    warmup_epochs: int = 2  # encoder frozen, lr_warmup
+    lr_warmup: float = 1e-3
+    lr: float = 1e-4
+    unfreeze_blocks: int = 5  # after warm-up: last N encoder blocks + final norm
+    weight_decay: float = 0.0
+    seed: int = 0
+    amp: bool = True  # bf16 autocast on CUDA; always fp32 on CPU
+    ckpt_every: int = 500  # steps; plus one at each epoch's end
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    eval_every: int = 1  # epochs; 0 = never
+    max_steps: int = 0  # 0 = run all epochs; >0 stops early (smoke runs)
+    compile: bool = False
+
+
+@dataclass
+class PseudoConfig:
+    infer_size: int = 960
+    batch_size: int = 4
+    save_probs: bool = True
+
+
+@dataclass
+class CRFConfig:
+    iters: int = 10
+    gauss_sxy: float = 1.0
+    gauss_compat: float = 3.0
+    bi_sxy: float = 67.0
+    bi_srgb: float = 3.0
+    bi_compat: float = 4.0
+    workers: int = 0  # 0 = all cores
+    backend: str = "pydensecrf"
+
+
+@dataclass
+class SegConfig:
+    backbone: str = "resnet101"
+    weights: str = ""  # local torchvision ResNet checkpoint; "" = random init (demo/tests only)
+    crop: int = 321
+    batch_size: int = 10
+    lr: float = 2.5e-4
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    iters: int = 20000
+    scale_range: list = field(default_factory=lambda: [0.5, 1.5])
+    eval_scales: list = field(default_factory=lambda: [1.0])
+    eval_flip: bool = False
+    eval_crf: bool = False
+    use_crf_masks: bool = True  # train on CRF-refined pseudo masks
+    ckpt_every: int = 1000
+    log_every: int = 20
+
+
+@dataclass
+class Config:
+    name: str = ""  # run name; "" = derived from the config file name
+    synthetic: bool = False  # generated demo data: never reported as a reproduction
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    crf: CRFConfig = field(default_factory=CRFConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {k: v for k, v in hints.items() if dataclasses.is_dataclass(v)}
+
+
+def _check_type(value: Any, expected: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(expected) or expected
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif origin in (list, dict, str, float):
+        ok = isinstance(value, origin)
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(
+            f"{source}: key '{key}' must be of type {getattr(expected, '__name__', expected)}, "
+            f"got {type(value).__name__} ({value!r})"
+        )
+    return value
+
+
+def _merge(cfg: Config, raw: dict[str, Any], source: str) -> None:
+    sections = _section_types()
+    top_hints = typing.get_type_hints(Config)
+    for key, value in raw.items():
+        if key == "base":
+            continue
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{key}' must be a table ([{key}]), got {value!r}")
+            sub = getattr(cfg, key)
+            hints = typing.get_type_hints(type(sub))
+            for k2, v2 in value.items():
+                if k2 not in hints:
+                    known = ", ".join(hints)
+                    raise ConfigError(f"{source}: unknown key '{key}.{k2}' (known keys of [{key}]: {known})")
+                setattr(sub, k2, _check_type(v2, hints[k2], f"{key}.{k2}", source))
+        elif key in top_hints:
+            setattr(cfg, key, _check_type(value, top_hints[key], key, source))
+        else:
+            raise ConfigError(f"{source}: unknown key '{key}' (known: {', '.join(top_hints)}, base)")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a TOML file such as baselines/topk_pce.toml")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config (following ``base`` chains) and apply ``key.sub=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        chain: list[tuple[Path, dict]] = []
+        p: Path | None = Path(path)
+        seen: set[Path] = set()
+        while p is not None:
+            p = p.resolve()
+            if p in seen:
+                raise ConfigError(f"{p}: 'base' chain loops back to itself")
+            seen.add(p)
+            raw = _read_toml(p)
+            chain.append((p, raw))
+            base = raw.get("base")
+            p = (p.parent / base) if base else None
+        for p, raw in reversed(chain):
+            _merge(cfg, raw, str(p))
+        if not cfg.name:
+            cfg.name = Path(path).stem
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like section.key=value (e.g. data.root=/data/VOC2012)")
+        key, text = ov.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text  # bare strings need no quotes on the command line
+        parts = key.strip().split(".")
+        raw: dict[str, Any] = {parts[-1]: value}
+        for part in reversed(parts[:-1]):
+            raw = {part: raw}
+        _merge(cfg, raw, f"override '{ov}'")
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any], source: str = "checkpoint") -> Config:
+    cfg = Config()
+    _merge(cfg, d, source)
+    return cfg
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dumps(cfg: Config) -> str:
+    d = cfg.to_dict()
+    lines = []
+    for k, v in d.items():
+        if not isinstance(v, dict):
+            lines.append(f"{k} = {_toml_value(v)}")
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{k}]")
+            lines.extend(f"{k2} = {_toml_value(v2)}" for k2, v2 in v.items())
+    return "\n".join(lines) + "\n"
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    atomic_write_text(Path(path), dumps(cfg))
+
+
+def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys whose values differ between two config dicts, as 'key: a -> b' lines."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict) and k != "encoder_kwargs":
+            out.extend(diff_configs(va, vb, f"{prefix}{k}."))
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out

@@ -1,0 +1,88 @@
+"""TKP-PCL: encoder -> HV-BiLSTM -> dropout -> bias-free linear -> softmax -> pooling.
+
+Eq. 1: Z = softmax(F_out W); Sec. 3.2: y_c = top-K mean of Z^c; Eq. 2: MCE; Eq. 6:
+L = MCE + alpha * sum_c PCE^c (PCE of Eq. 3-5 in ``tkpbench.pce``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tkpbench.config import ModelConfig
+from tkpbench.encoder import PatchEncoder
+from tkpbench.hv_bilstm import HVBiLSTM
+from tkpbench.pce import patch_contrastive_error
+from tkpbench.pooling import pool
+
+
+@dataclass
+class TKPOutput:
+    z: Tensor  # (B, S, C) patch scores, softmax over classes (Eq. 1)
+    y: Tensor  # (B, C) image scores after pooling
+    features: Tensor  # (B, S, E) F_out, the HV-BiLSTM output that PCE works on
+    grid: tuple[int, int]  # (h, w) patch grid, S = h * w
+
+
+class TKPPCL(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = PatchEncoder(cfg.encoder, cfg.weights or None, cfg.img_size, **cfg.encoder_kwargs)
+        self.hv_bilstm = HVBiLSTM(self.encoder.embed_dim, cfg.hidden, cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(self.hv_bilstm.out_dim, cfg.num_classes, bias=False)
+
+    def forward(self, x: Tensor) -> TKPOutput:
+        """x: (B, 3, H, W) normalised images, H and W multiples of the patch size."""
+        tokens, (h, w) = self.encoder(x)  # (B, S, E)
+        b = tokens.shape[0]
+        f_out = self.hv_bilstm(tokens.reshape(b, h, w, -1)).reshape(b, h * w, -1)  # (B, S, 4*hidden)
+        logits = self.classifier(self.dropout(f_out))
+        z = logits.float().softmax(dim=-1)  # softmax in fp32 even under autocast
+        y = pool(z, self.cfg.pooling, self.cfg.k)
+        return TKPOutput(z=z, y=y, features=f_out, grid=(h, w))
+
+    def trainable_head_parameters(self) -> list[nn.Parameter]:
+        return list(self.hv_bilstm.parameters()) + list(self.classifier.parameters())
+
+
+def image_targets(tags: Tensor) -> Tensor:
+    """Image-level targets t: tags (B, C) bool with the background entry forced to 1."""
+    t = tags.float().clone()
+    t[:, 0] = 1.0
+    return t
+
+
+def tkp_loss(out: TKPOutput, tags: Tensor, cfg: ModelConfig) -> dict[str, Tensor]:
+    """Eq. 6: {"mce", "pce", "loss"} with loss = MCE + alpha * PCE, computed in fp32.
+
+    MCE (Eq. 2) is the BCE averaged over classes and images; y is clamped away from 0 and 1.
+    PCE is 0 (and not computed) when ``cfg.pce`` is off.
+    """
+    t = image_targets(tags)
+    with torch.autocast(device_type=out.y.device.type, enabled=False):
+        y = out.y.float().clamp(cfg.clamp, 1.0 - cfg.clamp)
+        mce = F.binary_cross_entropy(y, t)
+        if cfg.pce:
+            pce = patch_contrastive_error(out.features.float(), out.z, cfg.eps)
+        else:
+            pce = torch.zeros((), device=y.device)
+        return {"loss": mce + cfg.alpha * pce, "mce": mce, "pce": pce}
+
+
+def merge_with_tags(z: Tensor, tags: Tensor) -> Tensor:
+    """ViT-PCM's merge of patch scores with the image's tags (SPEC Sec. 2).
+
+    z: (B, C, h, w) patch scores; tags: (B, C) bool (background forced on). Absent classes are
+    zeroed, each class map is divided by its maximum over the image, and the result is
+    renormalised over classes. Returns (B, C, h, w), summing to 1 over C.
+    """
+    t = image_targets(tags).to(z.dtype)[:, :, None, None]
+    m = z * t
+    peak = m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+    m = m / peak * t
+    return m / m.sum(dim=1, keepdim=True).clamp_min(1e-12)
