@@ -117,6 +117,8 @@ class SegConfig:
     eval_flip: bool = False
     eval_crf: bool = False
     use_crf_masks: bool = True  # train on CRF-refined pseudo masks
+    freeze_bn: bool = True  # DeepLab-v2 practice at batch 10: BatchNorm statistics and affine frozen
+    workers: int = 4
     ckpt_every: int = 1000
     log_every: int = 20
 
@@ -214,7 +216,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             _merge(cfg, raw, str(p))
         if not cfg.name:
             cfg.name = Path(path).stem
-    for ov in overrides or []:
+    return apply_overrides(cfg, overrides or [])
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings (values parsed as TOML, bare words as strings)."""
+    for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like section.key=value (e.g. data.root=/data/VOC2012)")
         key, text = ov.split("=", 1)

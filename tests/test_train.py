@@ -1,0 +1,127 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import tiny_config
+from tkpbench import distributed as D
+from tkpbench.config import save_config
+from tkpbench.engine import TrainingError, fit, list_checkpoints, load_latest
+from tkpbench.train import TKPTask
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = D.DistInfo()
+
+
+def _final(run_dir):
+    return torch.load(run_dir / "final.pt", weights_only=False)["model"]
+
+
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(synth_root, tmp_path):
+    cfg = tiny_config(synth_root / "VOC2012")
+    fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "a", CPU, progress=False)
+    # "killed" mid-way through epoch 2, after the encoder was unfrozen, then the same command again
+    fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "b", CPU, progress=False, stop_after=6)
+    assert not (tmp_path / "b" / "final.pt").exists()
+    fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "b", CPU, progress=False)
+    a, b = _final(tmp_path / "a"), _final(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    # and the weights really moved during training
+    fresh = TKPTask(cfg).build_model().state_dict()
+    assert not torch.allclose(fresh["classifier.weight"], a["classifier.weight"])
+    lines = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+    steps = [__import__("json").loads(ln)["step"] for ln in lines]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicated log lines after resume
+
+
+def test_resuming_with_a_different_config_is_refused_with_the_keys(synth_root, tmp_path):
+    cfg = tiny_config(synth_root / "VOC2012")
+    fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "r", CPU, progress=False, stop_after=2)
+    other = tiny_config(synth_root / "VOC2012", model__k="3")
+    with pytest.raises(TrainingError, match=r"model\.k: 2 -> 3"):
+        fit(TKPTask(other), other.to_dict(), tmp_path / "r", CPU, progress=False)
+    fit(TKPTask(other), other.to_dict(), tmp_path / "r", CPU, progress=False, force=True, stop_after=3)
+    with pytest.raises(TrainingError, match="--resume auto"):
+        fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "r", CPU, progress=False, resume=None)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(synth_root, tmp_path):
+    cfg = tiny_config(synth_root / "VOC2012", train__ckpt_every="1", train__keep_checkpoints="3")
+    fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "c", CPU, progress=False, stop_after=3)
+    cks = list_checkpoints(tmp_path / "c" / "checkpoints")
+    assert [p.name for p in cks][-1] == "step_00000003.pt"
+    cks[-1].write_bytes(b"truncated")
+    warnings = []
+    ck = load_latest(tmp_path / "c" / "checkpoints", warn=warnings.append)
+    assert ck["step"] == 2 and "corrupt" in warnings[0]
+
+
+def test_forced_nan_stops_with_a_diagnostic_checkpoint(synth_root, tmp_path):
+    cfg = tiny_config(synth_root / "VOC2012")
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 2 .*loss=nan"):
+        fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "n", CPU, progress=False, nan_at=2)
+    diag = tmp_path / "n" / "checkpoints" / "diagnostic_nan_step00000002.pt"
+    assert torch.load(diag, weights_only=False)["step"] == 2
+
+
+def test_global_batch_that_does_not_divide_is_refused(synth_root, tmp_path):
+    cfg = tiny_config(synth_root / "VOC2012", train__batch_size="5")
+    with pytest.raises(TrainingError, match="does not divide over 2 processes"):
+        fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "g", D.DistInfo(world=2), progress=False)
+
+
+def test_accumulation_gives_the_same_step_as_one_big_batch(synth_root, tmp_path):
+    a = tiny_config(synth_root / "VOC2012", train__epochs="1", model__dropout="0.0")
+    b = tiny_config(synth_root / "VOC2012", train__epochs="1", model__dropout="0.0", train__micro_batch="2")
+    fit(TKPTask(a), a.to_dict(), tmp_path / "a", CPU, progress=False, stop_after=1)
+    fit(TKPTask(b), b.to_dict(), tmp_path / "b", CPU, progress=False, stop_after=1)
+    wa = load_latest(tmp_path / "a" / "checkpoints")["model"]["classifier.weight"]
+    wb = load_latest(tmp_path / "b" / "checkpoints")["model"]["classifier.weight"]
+    torch.testing.assert_close(wa, wb, atol=1e-6, rtol=1e-5)
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return env
+
+
+def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(synth_root, tmp_path):
+    cfg = tiny_config(synth_root / "VOC2012", train__epochs="200")
+    save_config(cfg, tmp_path / "cfg.toml")
+    proc = subprocess.Popen([sys.executable, "-m", "tkpbench.train", "--config", str(tmp_path / "cfg.toml"),
+                             "--runs", str(tmp_path / "runs"), "--no-progress", "--device", "cpu"],
+                            env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "runs" / "tiny" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "received signal 15" in out
+    ck = load_latest(tmp_path / "runs" / "tiny" / "checkpoints")
+    assert ck is not None and ck["step"] >= 3
+    assert not (tmp_path / "runs" / "tiny" / "final.pt").exists()
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_run_keeps_ranks_identical(synth_root, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "ddp_worker.py"), str(synth_root / "VOC2012"), str(tmp_path / "run"), str(out)]
+    r = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a, b = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (tmp_path / "run" / "final.pt").is_file()
+    fresh = TKPTask(tiny_config(synth_root / "VOC2012")).build_model().state_dict()
+    assert not torch.equal(fresh["classifier.weight"], a["classifier.weight"])

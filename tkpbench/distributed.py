@@ -1,0 +1,156 @@
+"""torch.distributed helpers: process group from torchrun's environment, samplers, precision.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain ``python -m ...`` is one process.
+NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def setup(device: str | None = None) -> DistInfo:
+    """Initialise the process group when launched by torchrun; pick the device."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return DistInfo(rank, local, world, dev)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA; a no-op context on CPU (fp32)."""
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class ResumableSampler(Sampler):
+    """Training sampler: one permutation per (seed, epoch) shared by all ranks, cut to a multiple
+    of the global batch (drop_last) and split by rank. Yields ``(index, sample_seed)`` so each
+    sample's augmentation depends only on its position in the schedule. ``start`` skips the
+    batches already done in this epoch (resume)."""
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int) -> None:
+        if n < global_batch:
+            raise ValueError(f"the training split has {n} images, fewer than one global batch of {global_batch}")
+        self.n, self.global_batch, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
+        self.epoch = 0
+        self.start_batch = 0
+        self.per_rank = global_batch // world
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _mine(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)[: self.batches_per_epoch * self.global_batch]
+        # batch b of rank r: perm[b*G + r*per_rank : b*G + (r+1)*per_rank]
+        perm = perm.view(self.batches_per_epoch, self.world, self.per_rank)[:, self.rank]
+        return perm[self.start_batch :].reshape(-1).tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        from tkpbench.data.transforms import sample_seed
+
+        for i in self._mine():
+            yield (i, sample_seed(self.seed, self.epoch, i))
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.per_rank
+
+
+def shard_indices(n: int, rank: int, world: int) -> list[int]:
+    """Evaluation shard: every image exactly once over all ranks (no padding, no shuffle)."""
+    return list(range(rank, n, world))

@@ -1,0 +1,111 @@
+"""Score a folder of predicted masks against a split's ground truth.
+
+    python -m tkpbench.evaluate --pred runs/topk_pce/pseudo/crf --split train --root data/VOCdevkit/VOC2012
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from tkpbench.data.common import DatasetError, read_mask
+from tkpbench.metrics import ConfusionMatrix
+
+
+def evaluate_folder(pred_dir: Path, ds, workers: int = 4) -> ConfusionMatrix:
+    """Confusion matrix of ``pred_dir/<id>.png`` against ``ds.mask(i)`` for every image of ``ds``.
+
+    A missing prediction, a size mismatch or a class index >= num_classes is a DatasetError naming the file.
+    """
+    pred_dir = Path(pred_dir)
+    missing = [i for i in ds.ids if not (pred_dir / f"{i}.png").is_file()]
+    if missing:
+        raise DatasetError(f"{len(missing)} of {len(ds)} predictions are missing from {pred_dir} (first: {missing[0]}.png)")
+    cm = ConfusionMatrix(ds.num_classes)
+
+    def load(i: int):
+        path = pred_dir / f"{ds.ids[i]}.png"
+        pred = read_mask(path, ds.num_classes)
+        if (pred == 255).any():
+            raise DatasetError(f"prediction {path} holds 255; predictions must be class indices < {ds.num_classes}")
+        gt = ds.mask(i)
+        if pred.shape != gt.shape:
+            raise DatasetError(f"prediction {path} is {pred.shape[1]}x{pred.shape[0]} but its ground truth is "
+                               f"{gt.shape[1]}x{gt.shape[0]}; predictions must have the image's own size")
+        return pred, gt
+
+    with ThreadPoolExecutor(workers) as pool:
+        for pred, gt in pool.map(load, range(len(ds))):
+            cm.update(pred, gt)
+    return cm
+
+
+def print_table(classes, columns: dict[str, np.ndarray], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    t.add_column("class")
+    for name in columns:
+        t.add_column(name, justify="right")
+    for n, c in enumerate(classes):
+        t.add_row(c, *[("-" if np.isnan(v[n]) else f"{100 * v[n]:.1f}") for v in columns.values()])
+    t.add_row("[bold]mIoU", *[f"[bold]{100 * np.nanmean(v):.2f}" for v in columns.values()])
+    Console().print(t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tkpbench.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pred", type=Path, required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--dataset", default="voc", choices=["voc", "coco"])
+    p.add_argument("--root", required=True)
+    args = p.parse_args(argv)
+    from tkpbench.config import DataConfig
+    from tkpbench.data.transforms import build_dataset
+
+    try:
+        ds = build_dataset(DataConfig(dataset=args.dataset, root=args.root), args.split)
+        cm = evaluate_folder(args.pred, ds)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_table(ds.classes, {"IoU %": cm.iou()}, f"{args.pred} on {args.split} ({len(ds)} images)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def score_pseudo_masks(run_dir: Path, cfg, results: Path = Path("results")) -> dict:
+    """Table 1 / Table 4 mask column: mIoU of ``<run>/pseudo/masks`` (before CRF) and
+    ``<run>/pseudo/crf`` (after CRF) on ``data.mask_split``; writes the "mask" record."""
+    import time
+    from dataclasses import asdict
+
+    from tkpbench.data.transforms import build_dataset
+    from tkpbench.records import StageRecord, per_class_dict, stamp, write_stage
+
+    t0 = time.perf_counter()
+    ds = build_dataset(cfg.data, cfg.data.mask_split)
+    pseudo = Path(run_dir) / "pseudo"
+    cm = evaluate_folder(pseudo / "masks", ds)
+    cm_crf = evaluate_folder(pseudo / "crf", ds)
+    rec = StageRecord(
+        stage="mask", dataset=cfg.data.dataset, split=cfg.data.mask_split, miou=round(100 * cm.miou(), 3),
+        per_class=per_class_dict(ds.classes, cm.iou()), num_images=len(ds), miou_crf=round(100 * cm_crf.miou(), 3),
+        per_class_crf=per_class_dict(ds.classes, cm_crf.iou()), pixel_accuracy=round(100 * cm.pixel_accuracy(), 3),
+        protocol={"infer_size": cfg.pseudo.infer_size, "merge": "ViT-PCM tag merge", "scales": [1.0], "flip": False,
+                  "crf": asdict(cfg.crf), "tags": cfg.data.tags, "encoder": cfg.model.encoder,
+                  "encoder_weights": cfg.model.weights or "random", "pooling": cfg.model.pooling, "k": cfg.model.k,
+                  "pce": cfg.model.pce, "eps": cfg.model.eps, "alpha": cfg.model.alpha},
+        synthetic=cfg.synthetic,
+    )
+    write_stage(results, Path(run_dir).name, stamp(rec, time.perf_counter() - t0), cfg.to_dict())
+    return {"miou": cm.miou(), "miou_crf": cm_crf.miou()}

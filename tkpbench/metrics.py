@@ -1,0 +1,72 @@
+"""Confusion matrix, IoU and mIoU (one torch.bincount per update; all-reduced across ranks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def _as_tensor(x) -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+class ConfusionMatrix:
+    """``mat[t, p]`` counts pixels of true class t predicted as p; ``ignore_index`` pixels are skipped.
+
+    ``update`` takes numpy arrays or tensors (CPU or GPU) of equal shape; a value outside
+    [0, num_classes) that is not ``ignore_index`` is a ValueError.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.mat: Tensor | None = None
+
+    def update(self, pred, target) -> None:
+        p, t = _as_tensor(pred), _as_tensor(target)
+        if p.shape != t.shape:
+            raise ValueError(f"prediction shape {tuple(p.shape)} differs from target shape {tuple(t.shape)}")
+        p = p.to(t.device).reshape(-1).long()
+        t = t.reshape(-1).long()
+        n = self.num_classes
+        keep = t != self.ignore_index
+        p, t = p[keep], t[keep]
+        if p.numel() and (int(p.max()) >= n or int(p.min()) < 0 or int(t.max()) >= n or int(t.min()) < 0):
+            raise ValueError(f"class index outside [0, {n}) that is not the ignore index {self.ignore_index}")
+        counts = torch.bincount(t * n + p, minlength=n * n).reshape(n, n)
+        self.mat = counts if self.mat is None else self.mat.to(counts.device) + counts
+
+    def _m(self) -> Tensor:
+        return self.mat if self.mat is not None else torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
+
+    def all_reduce(self) -> None:
+        """Sum the matrix over all ranks (no-op without an initialised process group)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            m = self._m().clone()
+            if dist.get_backend() == "nccl" and not m.is_cuda:
+                m = m.cuda()
+            dist.all_reduce(m)
+            self.mat = m
+
+    def iou(self) -> np.ndarray:
+        """Per-class IoU; NaN for classes with an empty union (absent and never predicted)."""
+        m = self._m().double().cpu()
+        inter = m.diag()
+        union = m.sum(0) + m.sum(1) - inter
+        iou = torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(inter, float("nan")))
+        return iou.numpy()
+
+    def miou(self) -> float:
+        """Mean IoU over classes with a non-empty union."""
+        iou = self.iou()
+        return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+
+    def pixel_accuracy(self) -> float:
+        m = self._m().double()
+        total = float(m.sum())
+        return float(m.diag().sum()) / total if total else float("nan")

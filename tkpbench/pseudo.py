@@ -1,0 +1,170 @@
+"""Pseudo masks from a trained TKP-PCL run (SPEC Sec. 2).
+
+    python -m tkpbench.pseudo --run runs/topk_pce --split train_aug
+    torchrun --nproc_per_node=8 -m tkpbench.pseudo --run runs/topk_pce --split train_aug
+
+Each image is resized to ``pseudo.infer_size`` (960 by default, as ViT-PCM; the encoder resamples
+its position embeddings), Z is read as a (C, h, w) map, merged with the image's tags (zero
+absent classes, divide each class map by its maximum, renormalise), upsampled bilinearly to
+the image's own size and arg-maxed. Outputs, one file per image id, atomic, skipped when done:
+
+    <run>/pseudo/masks/<id>.png   palette PNG
+    <run>/pseudo/probs/<id>.npz   merged probabilities of the tagged classes (float16, compressed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2 import functional as TF
+
+from tkpbench import distributed as D
+from tkpbench.config import Config, apply_overrides, config_from_dict, load_config
+from tkpbench.data.common import save_mask
+from tkpbench.data.transforms import build_dataset
+from tkpbench.engine import load_final
+from tkpbench.io import atomic_write_bytes
+from tkpbench.model import TKPPCL
+from tkpbench.train import patch_masks
+
+
+def load_probs(path: Path, num_classes: int) -> np.ndarray:
+    """float32 (C, H, W) from a probs .npz (absent classes are 0). Raises ValueError when damaged."""
+    with np.load(path) as f:
+        probs, classes = f["probs"], f["classes"]
+    if probs.ndim != 3 or probs.shape[0] != len(classes) or (len(classes) and classes.max() >= num_classes):
+        raise ValueError(f"{path}: malformed probabilities")
+    full = np.zeros((num_classes, *probs.shape[1:]), dtype=np.float32)
+    full[classes] = probs.astype(np.float32)
+    return full
+
+
+def save_probs(path: Path, probs: np.ndarray, classes: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, probs=probs.astype(np.float16), classes=classes.astype(np.int16))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def is_done(out: Path, image_id: str, num_classes: int, need_probs: bool) -> bool:
+    if not (out / "masks" / f"{image_id}.png").is_file():
+        return False
+    if not need_probs:
+        return True
+    try:  # a probabilities file that fails to load is recomputed, not trusted
+        load_probs(out / "probs" / f"{image_id}.npz", num_classes)
+        return True
+    except Exception:
+        return False
+
+
+class _InferSet(Dataset):
+    def __init__(self, base, indices: list[int], size: int, mean, std) -> None:
+        self.base, self.indices, self.size, self.mean, self.std = base, indices, size, mean, std
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, n: int):
+        i = self.indices[n]
+        img = torch.from_numpy(self.base.image(i)).permute(2, 0, 1)
+        h, w = img.shape[-2:]
+        x = TF.resize(img, [self.size, self.size], antialias=True).float().div_(255)
+        x = TF.normalize(x, self.mean, self.std)
+        return x, torch.from_numpy(np.asarray(self.base.tags(i))), i, torch.tensor([h, w])
+
+
+def run_config(run_dir: Path, config: Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The run's own config (from final.pt), or ``config``, with ``overrides`` applied."""
+    cfg = load_config(config) if config else config_from_dict(load_final(run_dir)["config"], f"{run_dir}/final.pt")
+    return apply_overrides(cfg, overrides or [])
+
+
+def load_run(run_dir: Path) -> tuple[Config, TKPPCL]:
+    ck = load_final(run_dir)
+    cfg = config_from_dict(ck["config"], f"{run_dir}/final.pt")
+    cfg.model.weights = ""  # the run's own weights follow
+    model = TKPPCL(cfg.model)
+    model.load_state_dict(ck["model"])
+    return cfg, model.eval()
+
+
+@torch.no_grad()
+def generate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = None, progress: bool = True) -> int:
+    """Write pseudo masks (and probabilities) of ``split`` for this rank's shard. Returns images done."""
+    run_cfg, model = load_run(run_dir)
+    cfg = cfg or run_cfg
+    model = model.to(dist.device)
+    base = build_dataset(cfg.data, split)
+    out = Path(run_dir) / "pseudo"
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    (out / "probs").mkdir(parents=True, exist_ok=True)
+    mine = D.shard_indices(len(base), dist.rank, dist.world)
+    todo = [i for i in mine if not is_done(out, base.ids[i], base.num_classes, cfg.pseudo.save_probs)]
+    if not todo:
+        return 0
+    enc = model.encoder
+    ds = _InferSet(base, todo, cfg.pseudo.infer_size, enc.mean, enc.std)
+    loader = DataLoader(ds, batch_size=cfg.pseudo.batch_size, num_workers=min(cfg.data.workers, 8),
+                        pin_memory=dist.device.type == "cuda")
+    writer = ThreadPoolExecutor(4)
+    pending = []
+
+    def write(image_id: str, probs: np.ndarray, tags: np.ndarray) -> None:
+        save_mask(out / "masks" / f"{image_id}.png", probs.argmax(0).astype(np.uint8))
+        if cfg.pseudo.save_probs:
+            classes = np.flatnonzero(tags)
+            save_probs(out / "probs" / f"{image_id}.npz", probs[classes], classes)
+
+    from tkpbench.progress import track
+
+    for x, tags, idx, hw in track(loader, total=len(loader), description=f"pseudo masks {split}",
+                                  enabled=progress and dist.is_main):
+        with D.autocast(dist.device, cfg.train.amp):
+            o = model(x.to(dist.device, non_blocking=True))
+        tags = tags.to(dist.device)
+        tags[:, 0] = True
+        for b in range(x.shape[0]):  # each image goes back to its own size
+            h, w = hw[b].tolist()
+            _, probs = patch_masks(o.z[b:b + 1], o.grid, tags[b:b + 1], (h, w), return_probs=True)
+            pending.append(writer.submit(write, base.ids[int(idx[b])], probs[0].cpu().numpy(), tags[b].cpu().numpy()))
+    for f in pending:
+        f.result()
+    writer.shutdown()
+    return len(todo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tkpbench.pseudo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="run folder holding final.pt (e.g. runs/topk_pce)")
+    p.add_argument("--split", default=None, help="default: data.seg_train_split of the run's config")
+    p.add_argument("--config", type=Path, default=None, help="override the run's data/pseudo settings")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    dist = D.setup(args.device)
+    try:
+        cfg = run_config(args.run, args.config, args.overrides)
+        split = args.split or cfg.data.seg_train_split
+        t = time.perf_counter()
+        n = generate(args.run, split, dist, cfg, progress=not args.no_progress)
+        D.barrier()
+        if dist.is_main:
+            print(f"pseudo masks: {n} new images on rank 0 in {time.perf_counter() - t:.1f} s -> {args.run}/pseudo")
+    finally:
+        D.cleanup()
+    return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""DeepLab-v2 trained on pseudo masks, then evaluated (Tables 2 and 3).
+
+    python -m tkpbench.segment train --run runs/topk_pce
+    torchrun --nproc_per_node=8 -m tkpbench.segment train --run runs/topk_pce
+    python -m tkpbench.segment eval --run runs/topk_pce --split val [--set seg.eval_scales=[0.75,1.0,1.25]]
+
+Training uses the same loop, checkpoints and log as ``tkpbench.train`` (``tkpbench.engine``),
+under ``<run>/seg/``. It reads only the (CRF-refined) pseudo masks of ``data.seg_train_split``,
+never ground truth. Recipe (deeplab-pytorch's VOC): SGD momentum 0.9, lr 2.5e-4 (x10 for the
+ASPP), poly 0.9, weight decay 5e-4, batch 10, crop 321 with random scale 0.5-1.5 and flip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from tkpbench import distributed as D
+from tkpbench.config import Config, save_config
+from tkpbench.data.transforms import EvalSet, PseudoMaskSet, build_dataset, eval_transform, seg_train_transform
+from tkpbench.deeplab import DeepLabV2
+from tkpbench.engine import Task, TrainingError, fit, load_final, unwrap
+from tkpbench.metrics import ConfusionMatrix
+from tkpbench.records import StageRecord, per_class_dict, stamp, write_stage
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def pseudo_mask_dir(run_dir: Path, cfg: Config) -> Path:
+    return Path(run_dir) / "pseudo" / ("crf" if cfg.seg.use_crf_masks else "masks")
+
+
+class SegTask(Task):
+    name = "deeplab-v2"
+
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        s = cfg.seg
+        self.global_batch, self.seed, self.ckpt_every, self.log_every = s.batch_size, cfg.train.seed, s.ckpt_every, s.log_every
+        self.amp, self.workers = cfg.train.amp, s.workers
+        self.num_classes = 0
+
+    def _base(self):
+        return build_dataset(self.cfg.data, self.cfg.data.seg_train_split)
+
+    def build_model(self) -> nn.Module:
+        n = self.num_classes or self._base().num_classes
+        m = DeepLabV2(n, self.cfg.seg.backbone, self.cfg.seg.weights or None)
+        if torch.cuda.is_available():
+            m = m.to(memory_format=torch.channels_last)
+        if self.cfg.seg.freeze_bn:
+            for mod in m.modules():
+                if isinstance(mod, nn.BatchNorm2d):
+                    for p in mod.parameters():
+                        p.requires_grad_(False)
+        return m
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
+        if self.cfg.seg.freeze_bn:
+            for mod in model.modules():
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.eval()
+
+    def train_set(self):
+        s = self.cfg.seg
+        return PseudoMaskSet(self._base(), pseudo_mask_dir(self.run_dir, self.cfg),
+                             seg_train_transform(s.crop, s.scale_range, IMAGENET_MEAN, IMAGENET_STD))
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        s = self.cfg.seg
+        groups = unwrap(model).param_groups(s.lr, s.head_lr_mult)
+        for g in groups:
+            g["params"] = [p for p in g["params"] if p.requires_grad]
+        return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        return self.cfg.seg.iters
+
+    def lr_factors(self, step: int, epoch: int) -> list[float]:
+        s = self.cfg.seg
+        f = (1 - step / s.iters) ** s.poly_power
+        return [s.lr * f, s.lr * s.head_lr_mult * f]
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        img, mask = batch
+        img = img.to(device, non_blocking=True)
+        if device.type == "cuda":
+            img = img.contiguous(memory_format=torch.channels_last)
+        logits = model(img)
+        ce = F.cross_entropy(logits.float(), mask.to(device, non_blocking=True), ignore_index=255)
+        return {"loss": ce}
+
+    def resume_view(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        seg = {k: v for k, v in cfg.get("seg", {}).items() if k not in ("workers", "log_every", "ckpt_every",
+                                                                         "eval_scales", "eval_flip", "eval_crf")}
+        data = {k: cfg.get("data", {}).get(k) for k in ("dataset", "root", "seg_train_split")}
+        return {"seg": seg, "data": data}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, img: torch.Tensor, scales: list[float], flip: bool, amp: bool) -> torch.Tensor:
+    """Softmax averaged over scales (and flips) at the image's own size. img: (1, 3, H, W) -> (C, H, W)."""
+    h, w = img.shape[-2:]
+    acc = None
+    for s in scales:
+        x = img if s == 1.0 else F.interpolate(img, scale_factor=s, mode="bilinear", align_corners=False)
+        xs = [x, x.flip(-1)] if flip else [x]
+        for n, xi in enumerate(xs):
+            with D.autocast(img.device, amp):
+                logits = model(xi)
+            if n == 1:
+                logits = logits.flip(-1)
+            p = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False).softmax(1)[0]
+            acc = p if acc is None else acc + p
+    return acc / (len(scales) * (2 if flip else 1))
+
+
+@torch.no_grad()
+def evaluate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = None, progress: bool = True,
+             results: Path = Path("results")) -> dict[str, float]:
+    """Full-resolution evaluation of ``<run>/seg/final.pt`` on ``split``; writes the "seg" record."""
+    t0 = time.perf_counter()
+    ck = load_final(Path(run_dir) / "seg")
+    from tkpbench.config import config_from_dict
+
+    cfg = cfg or config_from_dict(ck["config"])
+    base = build_dataset(cfg.data, split)
+    model = DeepLabV2(base.num_classes, cfg.seg.backbone)
+    model.load_state_dict(ck["model"])
+    model = model.to(dist.device).eval()
+    ds = Subset(EvalSet(base, eval_transform(None, IMAGENET_MEAN, IMAGENET_STD)),
+                D.shard_indices(len(base), dist.rank, dist.world))
+    loader = DataLoader(ds, batch_size=1, num_workers=min(cfg.seg.workers, 4))
+    cm, cm_crf = ConfusionMatrix(base.num_classes), ConfusionMatrix(base.num_classes)
+    from tkpbench.progress import track
+
+    for img, mask, _, idx in track(loader, total=len(loader), description=f"DeepLab eval {split}",
+                                   enabled=progress and dist.is_main):
+        probs = predict(model, img.to(dist.device), list(cfg.seg.eval_scales), cfg.seg.eval_flip, cfg.train.amp)
+        cm.update(probs.argmax(0), mask[0].to(dist.device))
+        if cfg.seg.eval_crf:
+            from dataclasses import asdict
+
+            from tkpbench.crf import dense_crf
+
+            q = dense_crf(base.image(int(idx)), probs.cpu().numpy().astype(np.float32), **asdict(cfg.crf))
+            cm_crf.update(q.argmax(0), mask[0].numpy())
+    cm.all_reduce()
+    cm_crf.all_reduce()
+    out = {"miou": cm.miou()}
+    if dist.is_main:
+        rec = StageRecord(
+            stage="seg", dataset=cfg.data.dataset, split=split, miou=round(100 * cm.miou(), 3),
+            per_class=per_class_dict(base.classes, cm.iou()), num_images=len(base),
+            pixel_accuracy=round(100 * cm.pixel_accuracy(), 3),
+            miou_crf=round(100 * cm_crf.miou(), 3) if cfg.seg.eval_crf else None,
+            per_class_crf=per_class_dict(base.classes, cm_crf.iou()) if cfg.seg.eval_crf else None,
+            protocol={"model": f"DeepLab-v2 {cfg.seg.backbone} OS8 ASPP(6,12,18,24)", "init": cfg.seg.weights or "random",
+                      "train_masks": str(pseudo_mask_dir(run_dir, cfg)), "train_split": cfg.data.seg_train_split,
+                      "iters": cfg.seg.iters, "batch": cfg.seg.batch_size, "crop": cfg.seg.crop,
+                      "eval_scales": list(cfg.seg.eval_scales), "eval_flip": cfg.seg.eval_flip,
+                      "eval_crf": cfg.seg.eval_crf, "resolution": "full"},
+            synthetic=cfg.synthetic,
+        )
+        write_stage(results, Path(run_dir).name, stamp(rec, time.perf_counter() - t0), cfg.to_dict())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tkpbench.segment", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("cmd", choices=["train", "eval"])
+    p.add_argument("--run", type=Path, required=True, help="the TKP-PCL run whose pseudo masks are used")
+    p.add_argument("--split", default=None, help="eval split (default: data.val_split)")
+    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--resume", default="auto")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    from tkpbench.pseudo import run_config
+
+    dist = D.setup(args.device)
+    try:
+        cfg = run_config(args.run, args.config, args.overrides)
+        if args.cmd == "train":
+            seg_dir = Path(args.run) / "seg"
+            if dist.is_main:
+                seg_dir.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, seg_dir / "config.toml")
+            fit(SegTask(cfg, args.run), cfg.to_dict(), seg_dir, dist, resume=None if args.resume == "no" else args.resume,
+                force=args.force, progress=not args.no_progress, stop_after=args.stop_after)
+        else:
+            r = evaluate(args.run, args.split or cfg.data.val_split, dist, cfg, not args.no_progress, args.results)
+            if dist.is_main:
+                print(f"DeepLab-v2 mIoU on {args.split or cfg.data.val_split}: {100 * r['miou']:.2f}")
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        D.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

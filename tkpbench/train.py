@@ -1,0 +1,189 @@
+"""Train TKP-PCL (paper Sec. 4.1) with the shared loop of ``tkpbench.engine``.
+
+    python -m tkpbench.train --config baselines/topk_pce.toml --set data.root=/data/VOC2012
+    torchrun --nproc_per_node=8 -m tkpbench.train --config baselines/topk_pce.toml
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 -m tkpbench.train ...
+
+Schedule (SPEC Sec. 1): Adam; epochs 1-2 at lr 1e-3 with the encoder frozen (HV-BiLSTM and
+classifier learn); from epoch 3 lr 1e-4 with the last 5 encoder blocks and the final norm
+unfrozen. Global batch 16 however many processes. Each epoch: image-level F1 and the mIoU of
+the merged patch predictions on val at the training size. Everything goes to ``runs/<name>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from tkpbench import distributed as D
+from tkpbench.config import Config, load_config, save_config
+from tkpbench.data.transforms import EvalSet, TKPTrainSet, build_dataset, eval_transform, tkp_train_transform
+from tkpbench.engine import Task, TrainingError, fit, unwrap
+from tkpbench.metrics import ConfusionMatrix
+from tkpbench.model import TKPPCL, merge_with_tags, tkp_loss
+
+RUNTIME_KEYS = {"workers", "log_every", "ckpt_every", "keep_checkpoints", "eval_every", "cache_images"}
+
+
+class TKPTask(Task):
+    name = "tkp-pcl"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        t = cfg.train
+        self.global_batch, self.micro_batch, self.seed = t.batch_size, t.micro_batch, t.seed
+        self.ckpt_every, self.log_every, self.keep_checkpoints, self.amp = t.ckpt_every, t.log_every, t.keep_checkpoints, t.amp
+        self.workers = cfg.data.workers
+        self._phase: str | None = None
+
+    def build_model(self) -> nn.Module:
+        return TKPPCL(self.cfg.model)
+
+    def train_set(self):
+        base = build_dataset(self.cfg.data, self.cfg.data.train_split)
+        mean, std = self._mean_std()
+        tf = tkp_train_transform(self.cfg.data, self.cfg.model.img_size, mean, std)
+        return TKPTrainSet(base, tf, cache_size=self.cfg.model.img_size if self.cfg.data.cache_images else 0)
+
+    def _mean_std(self):
+        import timm
+
+        pc = timm.models.get_pretrained_cfg(self.cfg.model.encoder)
+        mean = getattr(pc, "mean", None) or (0.5, 0.5, 0.5)
+        std = getattr(pc, "std", None) or (0.5, 0.5, 0.5)
+        return tuple(mean), tuple(std)
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        m: TKPPCL = unwrap(model)
+        n = len(m.encoder.vit.blocks)
+        k = min(self.cfg.train.unfreeze_blocks, n)
+        enc = [p for b in list(m.encoder.vit.blocks)[n - k:] for p in b.parameters()] + list(m.encoder.vit.norm.parameters())
+        # one Adam over everything that ever trains; frozen parameters get no gradient and are skipped
+        return torch.optim.Adam(m.trainable_head_parameters() + enc, lr=self.cfg.train.lr_warmup,
+                                weight_decay=self.cfg.train.weight_decay)
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        total = self.cfg.train.epochs * batches_per_epoch
+        return min(total, self.cfg.train.max_steps) if self.cfg.train.max_steps else total
+
+    def lr_factors(self, step: int, epoch: int) -> list[float]:
+        t = self.cfg.train
+        return [t.lr_warmup if epoch < t.warmup_epochs else t.lr]
+
+    def set_phase(self, model: nn.Module, epoch: int) -> bool:
+        m: TKPPCL = unwrap(model)
+        phase = "warmup" if epoch < self.cfg.train.warmup_epochs else "finetune"
+        if phase == self._phase:
+            return False
+        if phase == "warmup":
+            m.encoder.freeze()
+        else:
+            m.encoder.unfreeze(min(self.cfg.train.unfreeze_blocks, len(m.encoder.vit.blocks)))
+        self._phase = phase
+        return True
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        images, tags = batch
+        out = model(images.to(device, non_blocking=True))
+        return tkp_loss(out, tags.to(device, non_blocking=True), self.cfg.model)
+
+    def eval_due(self, epoch_done: int) -> bool:
+        e = self.cfg.train.eval_every
+        return bool(e) and epoch_done % e == 0
+
+    def resume_view(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        keep = {k: cfg[k] for k in ("model", "data", "train", "synthetic") if k in cfg}
+        return {k: ({kk: vv for kk, vv in v.items() if kk not in RUNTIME_KEYS} if isinstance(v, dict) else v)
+                for k, v in keep.items()}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, dist: D.DistInfo) -> dict[str, float]:
+        return evaluate_patch_predictions(unwrap(model), self.cfg, dist, *self._mean_std())
+
+
+@torch.no_grad()
+def evaluate_patch_predictions(model: TKPPCL, cfg: Config, dist: D.DistInfo, mean, std) -> dict[str, float]:
+    """Image-level F1 (foreground, y > 0.5) and the mIoU of the tag-merged patch predictions,
+    both at the training size (cheap, as ViT-PCM's per-epoch check)."""
+    was_training = model.training
+    model.eval()
+    base = build_dataset(cfg.data, cfg.data.val_split)
+    size = cfg.model.img_size
+    ds = Subset(EvalSet(base, eval_transform(size, mean, std)), D.shard_indices(len(base), dist.rank, dist.world))
+    loader = DataLoader(ds, batch_size=8, num_workers=min(cfg.data.workers, 4))
+    cm = ConfusionMatrix(base.num_classes)
+    counts = torch.zeros(3, dtype=torch.float64, device=dist.device)  # tp, fp, fn
+    for img, mask, tags, _ in loader:
+        img, mask, tags = img.to(dist.device), mask.to(dist.device), tags.to(dist.device)
+        with D.autocast(dist.device, cfg.train.amp):
+            out = model(img)
+        pred_tags = out.y[:, 1:] > 0.5
+        t = tags[:, 1:]
+        counts += torch.stack([(pred_tags & t).sum(), (pred_tags & ~t).sum(), (~pred_tags & t).sum()]).double()
+        pred = patch_masks(out.z, out.grid, tags, (size, size))
+        cm.update(pred, mask)
+    counts = D.all_reduce_sum(counts)
+    cm.all_reduce()
+    tp, fp, fn = counts.tolist()
+    model.train(was_training)
+    return {"f1": 2 * tp / max(2 * tp + fp + fn, 1), "miou": cm.miou()}
+
+
+def patch_masks(z: torch.Tensor, grid: tuple[int, int], tags: torch.Tensor, size: tuple[int, int],
+                return_probs: bool = False):
+    """z: (B, S, C) -> merged (B, C, h, w) -> bilinear to ``size`` -> argmax (B, H, W)."""
+    b, s, c = z.shape
+    maps = z.float().transpose(1, 2).reshape(b, c, *grid)
+    merged = merge_with_tags(maps, tags)
+    up = F.interpolate(merged, size=size, mode="bilinear", align_corners=False)
+    return (up.argmax(1), up) if return_probs else up.argmax(1)
+
+
+def run_dir_for(cfg: Config, runs: Path) -> Path:
+    return Path(runs) / cfg.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tkpbench.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set data.root=/data/VOC2012 (repeatable)")
+    p.add_argument("--name", default=None, help="run name (default: the config's name, else its file name)")
+    p.add_argument("--runs", type=Path, default=Path("runs"))
+    p.add_argument("--resume", default="auto", help="'auto' (newest valid checkpoint), a checkpoint path, or 'no'")
+    p.add_argument("--force", action="store_true", help="resume even if the config differs")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--debug-nan-at", type=int, default=-1, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.name:
+        cfg.name = args.name
+    dist = D.setup(args.device)
+    run_dir = run_dir_for(cfg, args.runs)
+    try:
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.toml")
+        D.barrier()
+        fit(TKPTask(cfg), cfg.to_dict(), run_dir, dist, resume=None if args.resume == "no" else args.resume,
+            force=args.force, progress=not args.no_progress, stop_after=args.stop_after, nan_at=args.debug_nan_at)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        D.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
