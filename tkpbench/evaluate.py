@@ -101,6 +101,7 @@ def score_pseudo_masks(run_dir: Path, cfg, results: Path = Path("results")) -> d
         stage="mask", dataset=cfg.data.dataset, split=cfg.data.mask_split, miou=round(100 * cm.miou(), 3),
         per_class=per_class_dict(ds.classes, cm.iou()), num_images=len(ds), miou_crf=round(100 * cm_crf.miou(), 3),
         per_class_crf=per_class_dict(ds.classes, cm_crf.iou()), pixel_accuracy=round(100 * cm.pixel_accuracy(), 3),
+        miou_all_background=round(100 * cm.all_background_miou(), 3),
         protocol={"infer_size": cfg.pseudo.infer_size, "merge": "ViT-PCM tag merge", "scales": [1.0], "flip": False,
                   "crf": asdict(cfg.crf), "tags": cfg.data.tags, "encoder": cfg.model.encoder,
                   "encoder_weights": cfg.model.weights or "random", "pooling": cfg.model.pooling, "k": cfg.model.k,
@@ -108,4 +109,4 @@ def score_pseudo_masks(run_dir: Path, cfg, results: Path = Path("results")) -> d
         synthetic=cfg.synthetic,
     )
     write_stage(results, Path(run_dir).name, stamp(rec, time.perf_counter() - t0), cfg.to_dict())
-    return {"miou": cm.miou(), "miou_crf": cm_crf.miou()}
+    return {"miou": cm.miou(), "miou_crf": cm_crf.miou(), "miou_all_background": cm.all_background_miou()}

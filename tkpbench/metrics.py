@@ -29,14 +29,14 @@ class ConfusionMatrix:
         p, t = _as_tensor(pred), _as_tensor(target)
         if p.shape != t.shape:
             raise ValueError(f"prediction shape {tuple(p.shape)} differs from target shape {tuple(t.shape)}")
-        p = p.to(t.device).reshape(-1).long()
-        t = t.reshape(-1).long()
         n = self.num_classes
-        keep = t != self.ignore_index
-        p, t = p[keep], t[keep]
-        if p.numel() and (int(p.max()) >= n or int(p.min()) < 0 or int(t.max()) >= n or int(t.min()) < 0):
+        t = t.reshape(-1).long()
+        p = p.to(t.device).reshape(-1).long()
+        # ignored pixels go to an extra row that is dropped: no boolean gather on the hot path
+        t = torch.where(t == self.ignore_index, n, t)
+        if p.numel() and (int(p.max()) >= n or int(p.min()) < 0 or int(t.max()) > n or int(t.min()) < 0):
             raise ValueError(f"class index outside [0, {n}) that is not the ignore index {self.ignore_index}")
-        counts = torch.bincount(t * n + p, minlength=n * n).reshape(n, n)
+        counts = torch.bincount(t * n + p, minlength=(n + 1) * n)[: n * n].reshape(n, n)
         self.mat = counts if self.mat is None else self.mat.to(counts.device) + counts
 
     def _m(self) -> Tensor:
@@ -65,6 +65,13 @@ class ConfusionMatrix:
         """Mean IoU over classes with a non-empty union."""
         iou = self.iou()
         return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+
+    def all_background_miou(self) -> float:
+        """The mIoU that predicting background (class 0) everywhere would score on the same pixels."""
+        gt = self._m().double().sum(1).cpu()
+        total = float(gt.sum())
+        present = int((gt > 0).sum()) if gt[0] > 0 else int((gt > 0).sum()) + 1
+        return float(gt[0]) / total / present if total else float("nan")
 
     def pixel_accuracy(self) -> float:
         m = self._m().double()

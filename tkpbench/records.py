@@ -31,6 +31,7 @@ class StageRecord:
     miou_crf: float | None = None  # after CRF ("mask"), or with CRF post-processing ("seg")
     per_class_crf: dict[str, float] | None = None
     pixel_accuracy: float | None = None
+    miou_all_background: float | None = None  # the trivial baseline on the same split
     protocol: dict[str, Any] = field(default_factory=dict)  # sizes, scales, flip, CRF values, weights
     synthetic: bool = False
     commit: str = ""

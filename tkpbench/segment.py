@@ -163,7 +163,7 @@ def evaluate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
         rec = StageRecord(
             stage="seg", dataset=cfg.data.dataset, split=split, miou=round(100 * cm.miou(), 3),
             per_class=per_class_dict(base.classes, cm.iou()), num_images=len(base),
-            pixel_accuracy=round(100 * cm.pixel_accuracy(), 3),
+            pixel_accuracy=round(100 * cm.pixel_accuracy(), 3), miou_all_background=round(100 * cm.all_background_miou(), 3),
             miou_crf=round(100 * cm_crf.miou(), 3) if cfg.seg.eval_crf else None,
             per_class_crf=per_class_dict(base.classes, cm_crf.iou()) if cfg.seg.eval_crf else None,
             protocol={"model": f"DeepLab-v2 {cfg.seg.backbone} OS8 ASPP(6,12,18,24)", "init": cfg.seg.weights or "random",

@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import tiny_config
+from tkpbench import distributed as D
+from tkpbench.crf import refine_folder
+from tkpbench.data import DatasetError, VOCSegmentation, save_mask
+from tkpbench.engine import fit
+from tkpbench.evaluate import evaluate_folder, score_pseudo_masks
+from tkpbench.model import merge_with_tags
+from tkpbench.pseudo import generate, load_probs
+from tkpbench.records import load_summary
+from tkpbench.train import TKPTask
+
+
+@pytest.fixture(scope="module")
+def trained_run(synth_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = tiny_config(synth_root / "VOC2012", train__epochs="2", data__mask_split="train")
+    fit(TKPTask(cfg), cfg.to_dict(), run, D.DistInfo(), progress=False)
+    return run, cfg
+
+
+def test_merge_with_a_single_tag_gives_background_or_that_class():
+    z = torch.rand(1, 5, 6, 6).softmax(1)
+    tags = torch.tensor([[1, 0, 0, 1, 0]], dtype=torch.bool)
+    pred = merge_with_tags(z, tags).argmax(1)
+    assert set(pred.unique().tolist()) <= {0, 3}
+
+
+def test_merge_never_predicts_absent_classes_and_divides_by_the_class_maximum():
+    z = torch.tensor([[[[0.9, 0.2]], [[0.1, 0.4]], [[0.0, 0.4]]]])  # (1, C=3, 1, 2)
+    m = merge_with_tags(z, torch.tensor([[1, 1, 0]], dtype=torch.bool))
+    assert torch.all(m[:, 2] == 0)
+    # after division by the maxima (0.9 and 0.4): bg = [1, 2/9], class 1 = [1/4, 1]
+    torch.testing.assert_close(m[0, :, 0, 1], torch.tensor([(2 / 9) / (2 / 9 + 1), 1 / (2 / 9 + 1), 0.0]))
+
+
+def test_pseudo_masks_have_the_image_sizes_and_palette_then_resume_skips(trained_run):
+    run, cfg = trained_run
+    n = generate(run, "train", D.DistInfo(), progress=False)
+    ds = VOCSegmentation(cfg.data.root, "train")
+    assert n == len(ds)
+    for i in range(len(ds)):
+        png = Image.open(run / "pseudo" / "masks" / f"{ds.ids[i]}.png")
+        assert png.mode == "P" and png.size == (ds.image(i).shape[1], ds.image(i).shape[0])
+        m = np.array(png)
+        assert set(np.unique(m)) <= set(np.flatnonzero(ds.tags(i)))
+        probs = load_probs(run / "pseudo" / "probs" / f"{ds.ids[i]}.npz", 21)
+        np.testing.assert_allclose(probs.sum(0), 1, atol=1e-2)
+        assert (probs.argmax(0) == m).mean() > 0.99  # probabilities are stored as float16: near-ties may flip
+    assert generate(run, "train", D.DistInfo(), progress=False) == 0
+    # a damaged probabilities file is recomputed, not trusted
+    (run / "pseudo" / "probs" / f"{ds.ids[0]}.npz").write_bytes(b"garbage")
+    assert generate(run, "train", D.DistInfo(), progress=False) == 1
+    load_probs(run / "pseudo" / "probs" / f"{ds.ids[0]}.npz", 21)
+
+
+def test_crf_folder_stage_and_mask_record(trained_run, tmp_path):
+    run, cfg = trained_run
+    generate(run, "train", D.DistInfo(), progress=False)
+    counts = refine_folder(run, "train", cfg.crf, cfg.data, progress=False)
+    ds = VOCSegmentation(cfg.data.root, "train")
+    assert counts["done"] + counts["skipped"] == len(ds)
+    again = refine_folder(run, "train", cfg.crf, cfg.data, progress=False)
+    assert again == {"done": 0, "skipped": len(ds)}
+    r = score_pseudo_masks(run, cfg, tmp_path)
+    rec = load_summary(tmp_path / "tiny" / "summary.json")["stages"]["mask"]
+    assert rec["split"] == "train" and rec["num_images"] == len(ds) and rec["synthetic"]
+    assert rec["miou"] == pytest.approx(100 * r["miou"], abs=1e-3) and rec["miou_crf"] is not None
+    assert rec["protocol"]["crf"]["bi_sxy"] == 67 and rec["commit"] and rec["device"]
+
+
+def test_evaluate_folder_errors_name_the_file(synth_root, tmp_path):
+    ds = VOCSegmentation(synth_root / "VOC2012", "val")
+    with pytest.raises(DatasetError, match=rf"missing.*{ds.ids[0]}\.png"):
+        evaluate_folder(tmp_path, ds)
+    for i in range(len(ds)):
+        save_mask(tmp_path / f"{ds.ids[i]}.png", np.where(ds.mask(i) == 255, 0, ds.mask(i)))
+    assert evaluate_folder(tmp_path, ds).miou() > 0.9
+    save_mask(tmp_path / f"{ds.ids[1]}.png", np.zeros((5, 5), np.uint8))
+    with pytest.raises(DatasetError, match=rf"{ds.ids[1]}\.png is 5x5"):
+        evaluate_folder(tmp_path, ds)
+    bad = np.where(ds.mask(1) == 255, 0, ds.mask(1))
+    bad[0, 0] = 30
+    save_mask(tmp_path / f"{ds.ids[1]}.png", bad)
+    with pytest.raises(DatasetError, match=rf"{ds.ids[1]}\.png holds values \[30\]"):
+        evaluate_folder(tmp_path, ds)
