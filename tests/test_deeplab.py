@@ -1,0 +1,96 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import tiny_config
+from tkpbench import distributed as D
+from tkpbench.data import VOCSegmentation, save_mask
+from tkpbench.deeplab import ASPP, DeepLabV2
+from tkpbench.encoder import WeightsError
+from tkpbench.engine import fit
+from tkpbench.records import load_summary
+from tkpbench.segment import SegTask, evaluate
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_output_shape_and_output_stride_8(backbone):
+    m = DeepLabV2(5, backbone).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert m.backbone(x).shape[-2:] == (8, 12)
+        assert m(x).shape == (1, 5, 64, 96)
+
+
+def test_aspp_has_the_configured_rates_and_sums_its_branches():
+    a = ASPP(8, 3, (6, 12, 18, 24))
+    assert [b.dilation for b in a.branches] == [(6, 6), (12, 12), (18, 18), (24, 24)]
+    x = torch.randn(1, 8, 10, 10)
+    torch.testing.assert_close(a(x), sum(b(x) for b in a.branches))
+    assert ASPP(8, 3, (2, 4)).rates == (2, 4)
+
+
+def test_missing_or_foreign_backbone_weights_are_clear_errors(tmp_path):
+    with pytest.raises(WeightsError, match=r"nope\.pth do not exist.*resnet18"):
+        DeepLabV2(3, "resnet18", tmp_path / "nope.pth")
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(WeightsError, match="does not fit torchvision resnet18"):
+        DeepLabV2(3, "resnet18", tmp_path / "bad.pth")
+    import torchvision
+
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "ok.pth")
+    DeepLabV2(3, "resnet18", tmp_path / "ok.pth")
+
+
+@pytest.fixture()
+def run_with_masks(synth_root, tmp_path):
+    """A run folder whose 'pseudo masks' are the generated ground truth (for the mechanics only)."""
+    run = tmp_path / "tiny"
+    cfg = tiny_config(synth_root / "VOC2012", data__seg_train_split="train_aug")
+    ds = VOCSegmentation(cfg.data.root, "train_aug")
+    (run / "pseudo" / "crf").mkdir(parents=True)
+    for i in range(len(ds)):
+        save_mask(run / "pseudo" / "crf" / f"{ds.ids[i]}.png", ds.mask(i))
+    return run, cfg
+
+
+def _losses(run):
+    return [json.loads(ln)["loss"] for ln in (run / "seg" / "log.jsonl").read_text().splitlines() if "loss" in ln]
+
+
+def test_loss_falls_within_a_few_dozen_steps_and_eval_writes_the_record(run_with_masks, tmp_path):
+    run, cfg = run_with_masks
+    cfg.seg.iters = 40
+    cfg.seg.lr = 0.02
+    cfg.seg.head_lr_mult = 1.0
+    fit(SegTask(cfg, run), cfg.to_dict(), run / "seg", D.DistInfo(), progress=False)
+    losses = _losses(run)
+    assert len(losses) == 40
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:5])
+    evaluate(run, "val", D.DistInfo(), cfg, progress=False, results=tmp_path / "results")
+    rec = load_summary(tmp_path / "results" / "tiny" / "summary.json")["stages"]["seg"]
+    assert rec["split"] == "val" and rec["num_images"] == len(VOCSegmentation(cfg.data.root, "val"))
+    assert 0 <= rec["miou"] <= 100 and rec["protocol"]["train_masks"].endswith("pseudo/crf")
+
+
+def test_segmentation_resume_equals_an_uninterrupted_run(run_with_masks):
+    run, cfg = run_with_masks
+    other = run.parent / "copy"
+    shutil.copytree(run, other)
+    fit(SegTask(cfg, run), cfg.to_dict(), run / "seg", D.DistInfo(), progress=False)
+    fit(SegTask(cfg, other), cfg.to_dict(), other / "seg", D.DistInfo(), progress=False, stop_after=3)
+    fit(SegTask(cfg, other), cfg.to_dict(), other / "seg", D.DistInfo(), progress=False)
+    a = torch.load(run / "seg" / "final.pt", weights_only=False)["model"]
+    b = torch.load(other / "seg" / "final.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_poly_schedule_and_head_multiplier(synth_root):
+    cfg = tiny_config(synth_root / "VOC2012")
+    cfg.seg.iters, cfg.seg.lr, cfg.seg.head_lr_mult = 100, 1e-3, 10.0
+    t = SegTask(cfg, synth_root)
+    assert t.lr_factors(0, 0) == [1e-3, 1e-2]
+    assert t.lr_factors(50, 0)[0] == pytest.approx(1e-3 * 0.5**0.9)

@@ -1,0 +1,65 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import tiny_config
+from tkpbench.config import save_config
+from tkpbench.pipeline import PipelineError, check_data, main, run_chain
+from tkpbench.records import load_summary
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_missing_data_stops_before_any_training(tmp_path, capsys):
+    rc = main(["voc", "--set", f"data.root={tmp_path / 'nothing'}", "--runs", str(tmp_path / "runs"),
+               "--results", str(tmp_path / "results")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "nothing was started" in err and "python -m tkpbench.data download voc" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_weights_file_is_reported_by_the_check(synth_root, tmp_path):
+    cfg = tiny_config(synth_root / "VOC2012", model__weights=str(tmp_path / "vit.pth"))
+    with pytest.raises(PipelineError, match=r"vit\.pth: MISSING.*download weights"):
+        check_data(cfg, print)
+
+
+def test_reproduce_sh_prints_usage_for_an_unknown_target():
+    r = subprocess.run([str(REPO / "reproduce.sh"), "bogus"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Usage" in r.stdout
+
+
+@pytest.mark.slow
+def test_whole_chain_runs_then_a_rerun_skips_every_stage(synth_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    cfg = tiny_config(synth_root / "VOC2012", data__mask_split="train", data__seg_train_split="train_aug")
+    save_config(cfg, tmp_path / "tiny.toml")
+    logs: list[str] = []
+    run_chain(tmp_path / "tiny.toml", [], tmp_path / "runs", tmp_path / "results", 1, log=logs.append)
+    summary = load_summary(tmp_path / "results" / "tiny" / "summary.json")
+    assert set(summary["stages"]) == {"mask", "seg"} and summary["synthetic"]
+    assert any(line.startswith("$ ") and "tkpbench.train" in line for line in logs)
+    logs.clear()
+    run_chain(tmp_path / "tiny.toml", [], tmp_path / "runs", tmp_path / "results", 1, log=logs.append)
+    assert not any(line.startswith("$ ") for line in logs), logs
+    assert sum(line.startswith("[skip]") for line in logs) == 8
+
+
+@pytest.mark.slow
+def test_the_demo_really_learns(tmp_path, monkeypatch):
+    """The demo's TKP-PCL pseudo masks must stay far above the all-background baseline."""
+    from tkpbench.data.synth import make_synthetic
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    make_synthetic(tmp_path / "demo", n=200, seed=0)
+    run_chain(REPO / "configs" / "demo.toml", [f"data.root={tmp_path / 'demo' / 'VOC2012'}"], tmp_path / "runs",
+              tmp_path / "results", 1, seg=False, log=lambda *_: None)
+    rec = load_summary(tmp_path / "results" / "demo" / "summary.json")["stages"]["mask"]
+    assert rec["miou_all_background"] < 10
+    assert rec["miou_crf"] > rec["miou_all_background"] + 25, rec

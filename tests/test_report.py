@@ -1,0 +1,81 @@
+import numpy as np
+from PIL import Image
+
+from tkpbench.config import Config, apply_overrides
+from tkpbench.records import StageRecord, write_stage
+from tkpbench.report import build_tables, fig4_sweep, fig5_grid, load_results, main, to_markdown, variant
+
+
+def _cfg(pooling, pce, k=6, eps=0.85, synthetic=False):
+    c = Config()
+    c.synthetic = synthetic
+    apply_overrides(c, [f"model.pooling={pooling}", f"model.pce={'true' if pce else 'false'}", f"model.k={k}", f"model.eps={eps}"])
+    return c.to_dict()
+
+
+def _write(results, run, stage, dataset, split, miou, crf=None, cfg=None, synthetic=False):
+    rec = StageRecord(stage=stage, dataset=dataset, split=split, miou=miou, per_class={}, num_images=10,
+                      miou_crf=crf, synthetic=synthetic, commit="abc123", device="CPU", date="2026-11-24T00:00:00",
+                      miou_all_background=3.5 if synthetic else None)
+    write_stage(results, run, rec, cfg)
+
+
+def _fixture(results):
+    _write(results, "topk_pce", "mask", "voc", "train", 70.0, 73.5, _cfg("topk", True))
+    _write(results, "topk_pce", "seg", "voc", "val", 71.0, None, _cfg("topk", True))
+    _write(results, "vit_pcm_max", "mask", "voc", "train", 68.0, 69.0, _cfg("max", False))
+    _write(results, "demo", "mask", "voc", "train", 40.0, 47.0, _cfg("topk", True, synthetic=True), synthetic=True)
+    for k, v in [(1, 60.0), (6, 66.0)]:
+        _write(results, f"sweep_k{k}", "mask", "voc", "train", v - 2, v, _cfg("topk", True, k=k))
+    _write(results, "sweep_eps0.9", "mask", "voc", "train", 61.0, 63.0, _cfg("topk", True, eps=0.9))
+
+
+def _row(table, first):
+    return next(r for r in table[2] if r[0].startswith(first))
+
+
+def test_variant_names():
+    assert variant(_cfg("topk", True)) == "topk+pce" and variant(_cfg("topk", False, k=1)) == "max"
+    assert variant(_cfg("avg", False)) == "avg"
+
+
+def test_tables_put_published_and_measured_side_by_side(tmp_path):
+    _fixture(tmp_path)
+    tables = build_tables(load_results(tmp_path))
+    t1, t2, t3, t4, demo = tables
+    assert _row(t1, "MCTformer")[3:5] == ["61.7", "published"]
+    assert _row(t1, "TKP-PCL")[3:7] == ["74.6", "70.0", "73.5", "-1.1"]
+    assert _row(t1, "ViT-PCM")[3:7] == ["71.4", "68.0", "69.0", "-2.4"]
+    assert _row(t2, "TKP-PCL")[3:6] == ["72.2", "71.0", "-1.2"]
+    assert _row(t3, "TKP-PCL")[4] == "not run"
+    assert any("topk_pce @ abc123" in n for n in t1[3])
+    # the demo run is never in the paper's tables, only under its own heading
+    assert all("demo" not in r[0] for r in t4[2])
+    assert "NOT a reproduction" in demo[0] and _row(demo, "demo")[2:5] == ["40.0", "47.0", "3.5"]
+    # sweep runs feed Fig. 4 only
+    assert all("sweep" not in r[0] for r in t4[2])
+
+
+def test_report_command_writes_tables_md_and_figures(tmp_path, capsys):
+    _fixture(tmp_path)
+    assert main([str(tmp_path), "--runs", str(tmp_path / "noruns")]) == 0
+    md = (tmp_path / "TABLES.md").read_text()
+    assert "Table 1" in md and "| TKP-PCL |  | ViT-B/16 | 74.6 | 70.0 | 73.5 | -1.1 |" in md
+    assert "Demo runs on generated data (NOT a reproduction" in md
+    fig = Image.open(tmp_path / "fig4_sweep.png")
+    assert fig.size == (800, 320) and np.asarray(fig).std() > 0
+    assert "Table 4" in capsys.readouterr().out
+
+
+def test_fig4_is_absent_without_sweeps(tmp_path):
+    assert fig4_sweep([], tmp_path / "f.png") is None
+
+
+def test_fig5_grid_has_one_row_per_image_and_four_columns(tmp_path):
+    img = np.full((80, 120, 3), 100, np.uint8)
+    m = np.zeros((80, 120), np.uint8)
+    m[20:60, 30:90] = 15
+    out = fig5_grid([img, img], [m, m], [m, m], [m, m], tmp_path / "g.png")
+    arr = np.asarray(Image.open(out))
+    assert arr.shape == (320, 4 * 240, 3)
+    assert arr[80, 240 + 120].tolist() == [192, 128, 128]  # VOC colour of class 15 (person) in the GT column
