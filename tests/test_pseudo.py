@@ -73,6 +73,27 @@ def test_crf_folder_stage_and_mask_record(trained_run, tmp_path):
     assert rec["protocol"]["crf"]["bi_sxy"] == 67 and rec["commit"] and rec["device"]
 
 
+def test_torch_crf_backend_on_a_folder_matches_pydensecrf(trained_run, tmp_path):
+    import shutil
+
+    run, cfg = trained_run
+    generate(run, "train", D.DistInfo(), progress=False)
+    refine_folder(run, "train", cfg.crf, cfg.data, progress=False)
+    other = tmp_path / "copy"
+    shutil.copytree(run, other)
+    shutil.rmtree(other / "pseudo" / "crf")
+    cfg.crf.backend, cfg.crf.device = "torch", "cpu"
+    try:
+        counts = refine_folder(other, "train", cfg.crf, cfg.data, progress=False)
+    finally:
+        cfg.crf.backend = "pydensecrf"
+    ds = VOCSegmentation(cfg.data.root, "train")
+    assert counts["done"] == len(ds)
+    agree = [(np.array(Image.open(run / "pseudo" / "crf" / f"{i}.png")) == np.array(Image.open(other / "pseudo" / "crf" / f"{i}.png"))).mean()
+             for i in ds.ids]
+    assert np.mean(agree) > 0.995
+
+
 def test_evaluate_folder_errors_name_the_file(synth_root, tmp_path):
     ds = VOCSegmentation(synth_root / "VOC2012", "val")
     with pytest.raises(DatasetError, match=rf"missing.*{ds.ids[0]}\.png"):

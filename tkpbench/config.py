@@ -96,8 +96,9 @@ class CRFConfig:
     bi_sxy: float = 67.0
     bi_srgb: float = 3.0
     bi_compat: float = 4.0
-    workers: int = 0  # 0 = all cores
-    backend: str = "pydensecrf"
+    workers: int = 0  # 0 = all cores (pydensecrf backend)
+    backend: str = "pydensecrf"  # "pydensecrf" (reference) | "torch" (tkpbench.permutohedral, GPU-capable)
+    device: str = ""  # torch backend: "" = cuda when available, else cpu
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Dense CRF refinement of pseudo masks (Kraehenbuehl & Koltun 2011, through pydensecrf).
 
     python -m tkpbench.crf --run runs/topk_pce [--workers N]
+    python -m tkpbench.crf --run runs/topk_pce --backend torch --device cuda   # tkpbench.permutohedral
     torchrun --nproc_per_node=8 -m tkpbench.crf --run runs/topk_pce      # each rank a shard
 
 Defaults are ViT-PCM's and deeplab-pytorch's VOC values: 10 iterations, Gaussian (sxy 1,
@@ -43,11 +44,17 @@ def _check(image: np.ndarray, probs: np.ndarray) -> None:
 def dense_crf(image: np.ndarray, probs: np.ndarray, iters: int = DEFAULTS.iters,
               gauss_sxy: float = DEFAULTS.gauss_sxy, gauss_compat: float = DEFAULTS.gauss_compat,
               bi_sxy: float = DEFAULTS.bi_sxy, bi_srgb: float = DEFAULTS.bi_srgb,
-              bi_compat: float = DEFAULTS.bi_compat, backend: str = "pydensecrf", **_: object) -> np.ndarray:
+              bi_compat: float = DEFAULTS.bi_compat, backend: str = "pydensecrf", device: str = "cpu",
+              **_: object) -> np.ndarray:
     """Mean-field inference. image: uint8 (H, W, 3); probs: float32 (C, H, W) summing to 1 over C.
-    Returns the refined marginals, float32 (C, H, W)."""
+    Returns the refined marginals, float32 (C, H, W). ``backend``: "pydensecrf" (the reference)
+    or "torch" (``tkpbench.permutohedral``, on ``device``)."""
+    if backend == "torch":
+        _check(image, probs)
+        return dense_crf_batch(image[None], probs[None], iters, gauss_sxy, gauss_compat, bi_sxy, bi_srgb,
+                               bi_compat, device)[0]
     if backend != "pydensecrf":
-        raise ValueError(f"unknown CRF backend {backend!r}; available: 'pydensecrf'")
+        raise ValueError(f"unknown CRF backend {backend!r}; available: 'pydensecrf', 'torch'")
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_softmax
 
@@ -60,11 +67,30 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, iters: int = DEFAULTS.iters,
     return np.asarray(d.inference(iters), dtype=np.float32).reshape(c, h, w)
 
 
+def dense_crf_batch(images: np.ndarray, probs: np.ndarray, iters: int = DEFAULTS.iters,
+                    gauss_sxy: float = DEFAULTS.gauss_sxy, gauss_compat: float = DEFAULTS.gauss_compat,
+                    bi_sxy: float = DEFAULTS.bi_sxy, bi_srgb: float = DEFAULTS.bi_srgb,
+                    bi_compat: float = DEFAULTS.bi_compat, device: str = "cpu") -> np.ndarray:
+    """The torch backend on several images of one size at once.
+    images: uint8 (B, H, W, 3); probs: float32 (B, C, H, W). Returns float32 (B, C, H, W)."""
+    import torch
+
+    from tkpbench.permutohedral import mean_field
+
+    for im, p in zip(images, probs):
+        _check(im, p)
+    img = torch.as_tensor(np.ascontiguousarray(images), device=device)
+    unary = -torch.log(torch.as_tensor(probs, device=device).float().clamp_min(1e-5))  # as unary_from_softmax
+    q = mean_field(img, unary, iters, gauss_sxy, gauss_compat, bi_sxy, bi_srgb, bi_compat)
+    return q.cpu().numpy()
+
+
 _CTX: dict = {}
 
 
 def _init(cfg_dict: dict, data_cfg: dict, split: str, pseudo_dir: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
+    if cfg_dict.get("backend") != "torch":  # a pool worker: one thread each
+        os.environ["OMP_NUM_THREADS"] = "1"
     from tkpbench.config import DataConfig
     from tkpbench.data.transforms import build_dataset
 
@@ -116,13 +142,26 @@ def refine_folder(run_dir: Path, split: str, cfg: CRFConfig, data_cfg, rank: int
         return counts
     workers = cfg.workers or os.cpu_count() or 1
     errors = []
-    with ProcessPoolExecutor(workers, initializer=_init,
-                             initargs=(asdict(cfg), asdict(data_cfg), split, str(pseudo_dir))) as pool:
-        for r in track(pool.map(refine_one, todo, chunksize=4), total=len(todo), description=f"CRF {split}", enabled=progress):
+    args = (asdict(cfg), asdict(data_cfg), split, str(pseudo_dir))
+    if cfg.backend == "torch":  # one process drives the GPU (or CPU) image by image
+        import torch
+
+        args[0]["device"] = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        _init(*args)
+        results = map(refine_one, todo)
+        pool = None
+    else:
+        pool = ProcessPoolExecutor(workers, initializer=_init, initargs=args)
+        results = pool.map(refine_one, todo, chunksize=4)
+    try:
+        for r in track(results, total=len(todo), description=f"CRF {split}", enabled=progress):
             if r in counts:
                 counts[r] += 1
             else:
                 errors.append(r)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     if errors:
         raise RuntimeError(f"{len(errors)} images failed the CRF; first: {errors[0]}")
     return counts
@@ -134,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--split", default=None)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--backend", choices=["pydensecrf", "torch"], default=None)
+    p.add_argument("--device", default=None, help="torch backend: cuda or cpu")
     p.add_argument("--config", type=Path, default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--no-progress", action="store_true")
@@ -143,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = run_config(args.run, args.config, args.overrides)
     if args.workers is not None:
         cfg.crf.workers = args.workers
+    if args.backend:
+        cfg.crf.backend = args.backend
+    if args.device:
+        cfg.crf.device = args.device
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     t = time.perf_counter()
     counts = refine_folder(args.run, args.split or cfg.data.seg_train_split, cfg.crf, cfg.data, rank, world,

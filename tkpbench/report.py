@@ -216,16 +216,20 @@ def fig5_grid(images, gts, preds_a, preds_b, out: Path, titles=("image", "ground
     from tkpbench.data.common import voc_palette
 
     pal = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
-    rows = []
-    h = 160
-    for img, gt, a, b in zip(images, gts, preds_a, preds_b):
-        w = int(round(img.shape[1] * h / img.shape[0]))
-        cells = [np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))]
-        for m in (gt, a, b):
-            cells.append(np.asarray(Image.fromarray(pal[m]).resize((w, h), Image.NEAREST)))
-        rows.append(np.concatenate(cells, axis=1))
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+    ch, cw = 160, 240  # every cell the same size, each picture fitted inside it (columns stay aligned)
+
+    def cell(arr: np.ndarray, resample) -> np.ndarray:
+        h, w = arr.shape[:2]
+        f = min(ch / h, cw / w)
+        nh, nw = max(1, round(h * f)), max(1, round(w * f))
+        small = np.asarray(Image.fromarray(arr).resize((nw, nh), resample))
+        canvas = np.full((ch, cw, 3), 255, np.uint8)
+        y0, x0 = (ch - nh) // 2, (cw - nw) // 2
+        canvas[y0:y0 + nh, x0:x0 + nw] = small
+        return canvas
+
+    rows = [np.concatenate([cell(img, Image.BILINEAR)] + [cell(pal[m], Image.NEAREST) for m in (gt, a, b)], axis=1)
+            for img, gt, a, b in zip(images, gts, preds_a, preds_b)]
     grid = np.concatenate(rows, axis=0)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.png")

@@ -1,0 +1,82 @@
+"""The PyTorch permutohedral backend against pydensecrf (the reference)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_crf import _blurred_probs
+from tkpbench.crf import dense_crf, dense_crf_batch
+from tkpbench.data import VOCSegmentation
+from tkpbench.metrics import ConfusionMatrix
+
+
+def _pydensecrf(img, p, gauss=True, bilateral=True, iters=10):
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
+    c, h, w = p.shape
+    d = dcrf.DenseCRF2D(w, h, c)
+    d.setUnaryEnergy(unary_from_softmax(p))
+    if gauss:
+        d.addPairwiseGaussian(sxy=1, compat=3)
+    if bilateral:
+        d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(img), compat=4)
+    return np.array(d.inference(iters)).reshape(c, h, w)
+
+
+def _real(shared_data, n=2, size=(200, 150)):
+    ds = VOCSegmentation(shared_data / "voc2012-sample" / "VOC2012", "val")
+    out = []
+    for i in range(n):
+        img = np.array(Image.fromarray(ds.image(i)).resize(size, Image.BILINEAR))
+        mask = np.array(Image.fromarray(ds.mask(i)).resize(size, Image.NEAREST))
+        keep = np.flatnonzero(ds.tags(i))
+        p = _blurred_probs(mask, 21, sigma=4, offset=3, seed=i)[keep]
+        out.append((img, mask, keep, p / p.sum(0, keepdims=True)))
+    return out
+
+
+def test_torch_backend_agrees_with_pydensecrf_on_real_images(shared_data):
+    ref_cm, ours_cm = ConfusionMatrix(21), ConfusionMatrix(21)
+    for img, mask, keep, p in _real(shared_data):
+        ref = _pydensecrf(img, p)
+        ours = dense_crf(img, p, backend="torch")
+        assert (ref.argmax(0) == ours.argmax(0)).mean() >= 0.995
+        assert np.abs(ref - ours).max() < 0.02 and np.abs(ref - ours).mean() < 1e-3
+        ref_cm.update(keep[ref.argmax(0)], mask)
+        ours_cm.update(keep[ours.argmax(0)], mask)
+    assert abs(ref_cm.miou() - ours_cm.miou()) < 0.001
+
+
+@pytest.mark.parametrize("gauss, bilateral", [(True, False), (False, True)])
+def test_gaussian_only_and_bilateral_only(gauss, bilateral, shared_data):
+    img, _, _, p = _real(shared_data, n=1, size=(120, 90))[0]
+    ref = _pydensecrf(img, p, gauss, bilateral)
+    ours = dense_crf(img, p, backend="torch", gauss_compat=3.0 if gauss else 0.0, bi_compat=4.0 if bilateral else 0.0)
+    assert (ref.argmax(0) == ours.argmax(0)).mean() >= 0.995
+    assert np.abs(ref - ours).max() < 0.02
+
+
+def test_one_label_present_and_a_constant_image():
+    img = np.full((30, 40, 3), 77, np.uint8)
+    p = np.zeros((3, 30, 40), np.float32)
+    p[1] = 0.98
+    p[0] = p[2] = 0.01
+    ref, ours = _pydensecrf(img, p), dense_crf(img, p, backend="torch")
+    assert np.all(ours.argmax(0) == 1)
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_a_batch_equals_one_by_one():
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 255, (3, 24, 32, 3), dtype=np.uint8)
+    p = rng.random((3, 4, 24, 32)).astype(np.float32) ** 3
+    p /= p.sum(1, keepdims=True)
+    batch = dense_crf_batch(imgs, p)
+    for i in range(3):
+        np.testing.assert_allclose(batch[i], dense_crf(imgs[i], p[i], backend="torch"), atol=1e-5)
+
+
+def test_torch_backend_rejects_bad_input():
+    with pytest.raises(ValueError, match="sum to 1"):
+        dense_crf(np.zeros((4, 4, 3), np.uint8), np.full((2, 4, 4), 0.2, np.float32), backend="torch")

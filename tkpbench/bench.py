@@ -1,0 +1,251 @@
+"""Benchmarks (``make bench``): nothing here is a test; every figure is printed with its device.
+
+    python -m tkpbench.bench [--only model,pce,pooling,data,crf,metrics,deeplab] [--device cuda] [--json out.json]
+
+* model: forward + backward of TKP-PCL at the paper's shapes (batch 16, 384, last 5 blocks
+  trainable), images/s and, on CUDA, the model FLOP rate against a measured bf16 matmul peak
+  (FLOPs: forward of everything + backward through the trainable blocks only, see ``train_flops``).
+* pce / pooling: vectorised implementation against a naive Python loop.
+* data: decoded+augmented images/s per DataLoader worker on generated data.
+* crf: seconds per 500x375 image with 21 labels (pydensecrf), and images/s with all cores.
+* metrics: confusion matrix over VOC-val-sized data (1,449 masks of 500x375).
+* deeplab: training images/s at crop 321, batch 10 (ResNet-101), bf16 + channels_last vs fp32 on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _timeit(fn, warmup: int = 1, reps: int = 3, sync=None) -> float:
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if sync:
+        sync()
+    return (time.perf_counter() - t) / reps
+
+
+def _sync(device):
+    return torch.cuda.synchronize if device.type == "cuda" else None
+
+
+def matmul_peak_tflops(device: torch.device, n: int = 8192) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    dt = _timeit(lambda: a @ b, warmup=3, reps=20, sync=_sync(device))
+    return 2 * n**3 / dt / 1e12
+
+
+def train_flops(batch: int, tokens: int = 577, dim: int = 768, depth: int = 12, trainable: int = 5,
+                mlp: int = 3072, hidden: int = 192, classes: int = 21) -> float:
+    """Matmul FLOPs of one training step: ViT forward over all blocks, backward (2x forward)
+    through the trainable blocks; HV-BiLSTM and classifier forward + backward."""
+    per_block = 2 * tokens * (4 * dim * dim + 2 * dim * mlp) + 2 * 2 * tokens * tokens * dim
+    vit = batch * per_block * (depth + 2 * trainable)
+    s = tokens - 1
+    lstm = batch * 2 * 2 * (2 * s * 4 * hidden * (dim + hidden))  # 2 LSTMs x 2 directions
+    head = batch * 2 * s * 4 * hidden * classes
+    return vit + 3 * (lstm + head)
+
+
+def bench_model(device: torch.device, batch: int, out: dict) -> None:
+    from tkpbench.config import ModelConfig
+    from tkpbench.model import TKPPCL, tkp_loss
+    from tkpbench.distributed import autocast
+
+    model = TKPPCL(ModelConfig(encoder="vit_base_patch16_384")).to(device)
+    model.encoder.unfreeze(5)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.randn(batch, 3, 384, 384, device=device)
+    tags = torch.zeros(batch, 21, dtype=torch.bool, device=device)
+    tags[:, [0, 3, 15]] = True
+
+    def step():
+        with autocast(device):
+            o = model(x)
+        tkp_loss(o, tags, model.cfg)["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    dt = _timeit(step, warmup=2 if device.type == "cuda" else 1, reps=10 if device.type == "cuda" else 2, sync=_sync(device))
+    r = {"batch": batch, "s_per_step": round(dt, 4), "images_per_s": round(batch / dt, 2)}
+    if device.type == "cuda":
+        peak = matmul_peak_tflops(device)
+        achieved = train_flops(batch) / dt / 1e12
+        r.update(bf16_matmul_peak_tflops=round(peak, 1), model_tflops=round(achieved, 1), fraction_of_peak=round(achieved / peak, 3),
+                 peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    out["model"] = r
+
+
+def bench_pce_pooling(device: torch.device, out: dict) -> None:
+    from tkpbench.pce import patch_contrastive_error
+    from tkpbench.pooling import topk_pool
+
+    b, s, c, e = 16, 576, 21, 768
+    f = torch.randn(b, s, e, device=device)
+    z = (torch.randn(b, s, c, device=device) * 4).softmax(-1)
+    fast = _timeit(lambda: patch_contrastive_error(f, z), sync=_sync(device))
+
+    def naive():
+        total = 0.0
+        fn = torch.nn.functional.normalize(f, dim=-1)
+        for n in range(b):
+            for k in range(c):
+                hi = (z[n, :, k] > 0.85).nonzero().flatten()
+                lo = (z[n, :, k] < 0.15).nonzero().flatten()
+                sim = (1 + fn[n, hi] @ fn[n, hi].T) / 2
+                m = len(hi)
+                if m > 1:
+                    total += float(((1 - sim).sum() - (1 - sim.diagonal()).sum()) / (m * (m - 1)))
+                if m and len(lo):
+                    total += float(((1 + fn[n, hi] @ fn[n, lo].T) / 2).mean())
+        return total / b
+
+    slow = _timeit(naive, warmup=0, reps=1)
+    out["pce"] = {"shape": [b, s, c, e], "vectorised_ms": round(fast * 1e3, 2), "per_image_class_loop_ms": round(slow * 1e3, 2),
+                  "speedup": round(slow / fast, 1)}
+    fast = _timeit(lambda: topk_pool(z, 6), sync=_sync(device))
+    slow = _timeit(lambda: torch.stack([torch.stack([z[n, :, k].sort(descending=True).values[:6].mean() for k in range(c)])
+                                        for n in range(b)]), warmup=0, reps=1)
+    out["pooling"] = {"vectorised_ms": round(fast * 1e3, 3), "loop_ms": round(slow * 1e3, 2), "speedup": round(slow / fast, 1)}
+
+
+def bench_data(out: dict, tmp: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from tkpbench.config import DataConfig
+    from tkpbench.data import VOCSegmentation
+    from tkpbench.data.synth import make_synthetic
+    from tkpbench.data.transforms import TKPTrainSet, tkp_train_transform
+
+    make_synthetic(tmp, n=64, seed=0, size=(375, 500))
+    ds = TKPTrainSet(VOCSegmentation(tmp / "VOC2012", "train_aug"), tkp_train_transform(DataConfig(), 384, (0.5,) * 3, (0.5,) * 3))
+    res = {}
+    for w in (0, 1, 2):
+        loader = DataLoader(ds, batch_size=8, num_workers=w)
+        t = time.perf_counter()
+        n = sum(x.shape[0] for x, _ in loader)
+        res[f"workers_{w}"] = round(n / (time.perf_counter() - t), 1)
+    out["data_images_per_s_500x375_to_384"] = res
+
+
+def bench_crf(out: dict) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tkpbench.crf import dense_crf
+
+    img, probs = _crf_inputs()
+    one = _timeit(lambda: dense_crf(img, probs), warmup=0, reps=2)
+    cores = os.cpu_count() or 1
+    n = 2 * cores
+    t = time.perf_counter()
+    with ProcessPoolExecutor(cores) as pool:
+        list(pool.map(_crf_job, range(n)))
+    out["crf_pydensecrf_500x375x21"] = {"s_per_image_one_core": round(one, 2), "cores": cores,
+                                         "images_per_s_all_cores": round(n / (time.perf_counter() - t), 2)}
+
+
+def _crf_inputs():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)
+    p = rng.random((21, 375, 500)).astype(np.float32) ** 4
+    return img, p / p.sum(0, keepdims=True)
+
+
+def _crf_job(_):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    from tkpbench.crf import dense_crf
+
+    return dense_crf(*_crf_inputs()).shape
+
+
+def bench_metrics(out: dict) -> None:
+    from tkpbench.metrics import ConfusionMatrix
+
+    rng = np.random.default_rng(0)
+    gt = torch.from_numpy(rng.integers(0, 21, size=(375, 500), dtype=np.uint8))
+    pred = torch.from_numpy(rng.integers(0, 21, size=(375, 500), dtype=np.uint8))
+    cm = ConfusionMatrix(21)
+    t = time.perf_counter()
+    for _ in range(1449):
+        cm.update(pred, gt)
+    out["confusion_matrix_voc_val_s"] = round(time.perf_counter() - t, 2)
+
+
+def bench_deeplab(device: torch.device, out: dict) -> None:
+    from tkpbench.deeplab import DeepLabV2
+    from tkpbench.distributed import autocast
+
+    res = {}
+    modes = [("bf16_channels_last", True), ("fp32", False)] if device.type == "cuda" else [("fp32", False)]
+    batch = 10 if device.type == "cuda" else 2
+    for name, fast in modes:
+        m = DeepLabV2(21, "resnet101").to(device)
+        if fast:
+            m = m.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+        x = torch.randn(batch, 3, 321, 321, device=device)
+        if fast:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 21, (batch, 321, 321), device=device)
+
+        def step():
+            with autocast(device, fast):
+                logits = m(x)
+            torch.nn.functional.cross_entropy(logits.float(), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        dt = _timeit(step, warmup=2 if device.type == "cuda" else 0, reps=10 if device.type == "cuda" else 1, sync=_sync(device))
+        res[name] = {"batch": batch, "images_per_s": round(batch / dt, 2)}
+    out["deeplab_resnet101_crop321"] = res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tkpbench.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="metrics,pce,pooling,crf,data,model,deeplab")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=None, help="model batch (default 16 on CUDA, 2 on CPU)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    from tkpbench.records import device_name, git_commit
+
+    out: dict = {"device": device_name() if device.type == "cuda" else "CPU", "cpu_count": os.cpu_count(),
+                 "torch": torch.__version__, "commit": git_commit(), "command": " ".join(["python -m tkpbench.bench", *(argv or sys.argv[1:])])}
+    only = set(args.only.split(","))
+    import tempfile
+
+    steps = [("metrics", lambda: bench_metrics(out)), ("pce", lambda: bench_pce_pooling(device, out)),
+             ("crf", lambda: bench_crf(out)), ("data", lambda: bench_data(out, Path(tempfile.mkdtemp()))),
+             ("model", lambda: bench_model(device, args.batch or (16 if device.type == "cuda" else 2), out)),
+             ("deeplab", lambda: bench_deeplab(device, out))]
+    for name, fn in steps:
+        if name in only or (name == "pce" and "pooling" in only):
+            t = time.perf_counter()
+            fn()
+            print(f"[{name}] done in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    print(json.dumps(out, indent=2))
+    if args.json:
+        from tkpbench.io import atomic_write_json
+
+        atomic_write_json(args.json, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

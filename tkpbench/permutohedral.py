@@ -1,0 +1,144 @@
+"""Permutohedral-lattice Gaussian filtering and dense-CRF mean field in PyTorch tensor ops.
+
+A port of the lattice in Kraehenbuehl's densecrf (``permutohedral.cpp``, after Adams, Baek and
+Davis 2010) as pydensecrf uses it: elevate the features onto the hyperplane, find the enclosing
+simplex by rounding and ranking, splat with barycentric weights, blur once along each of the
+d + 1 lattice directions with the [1/2, 1, 1/2] kernel, slice, and scale by 1 / (1 + 2^-d).
+Lattice keys are packed into one int64 per vertex (image index included), de-duplicated with
+``torch.unique`` and looked up with ``torch.searchsorted``; nothing loops over pixels or
+lattice points. Loops run over the mean-field iterations and the d + 1 blur directions only.
+The kernel is normalised symmetrically (densecrf's default NORMALIZE_SYMMETRIC) and the
+compatibility is Potts, so one mean-field step is Q <- softmax(-U + sum_k w_k N_k K_k N_k Q).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+class Lattice:
+    """A permutohedral lattice over the features of B images. features: (B, N, d)."""
+
+    def __init__(self, features: Tensor) -> None:
+        b, n, d = features.shape
+        dev = features.device
+        self.b, self.n, self.d = b, n, d
+        f = features.reshape(b * n, d).float()
+        inv_std = math.sqrt(2.0 / 3.0) * (d + 1)
+        scale = torch.tensor([inv_std / math.sqrt((i + 1) * (i + 2)) for i in range(d)], device=dev)
+        cf = f * scale  # (P, d)
+        # elevated[0] = sum cf; elevated[j] = sum_{i >= j} cf_i - j * cf_{j-1} (j = 1..d)
+        suffix = torch.cat([cf.flip(1).cumsum(1).flip(1), torch.zeros_like(cf[:, :1])], dim=1)  # (P, d+1)
+        j = torch.arange(1, d + 1, device=dev, dtype=cf.dtype)
+        elevated = torch.cat([suffix[:, :1], suffix[:, 1:] - j * cf], dim=1)
+        # closest remainder-0 point
+        v = elevated / (d + 1)
+        up, down = torch.ceil(v) * (d + 1), torch.floor(v) * (d + 1)
+        rem0 = torch.where(up - elevated < elevated - down, up, down)
+        total = torch.round(rem0.sum(1) / (d + 1)).long()
+        # rank of each coordinate of the residual (ties broken as densecrf does)
+        di = elevated - rem0
+        idx = torch.arange(d + 1, device=dev)
+        later = idx[None, :] > idx[:, None]  # [a, j]: j > a
+        gt = di[:, None, :] > di[:, :, None]  # [p, a, j]: di_j > di_a
+        ge_before = (di[:, :, None] >= di[:, None, :]) & later[None]  # [p, i, a]: i < a and di_i >= di_a
+        rank = (gt & later[None]).sum(2) + ge_before.sum(1)
+        rank = rank + total[:, None]
+        neg, over = rank < 0, rank > d
+        rank = torch.where(neg, rank + d + 1, torch.where(over, rank - d - 1, rank))
+        rem0 = torch.where(neg, rem0 + d + 1, torch.where(over, rem0 - d - 1, rem0))
+        # barycentric coordinates
+        vb = (elevated - rem0) / (d + 1)
+        bary = torch.zeros(b * n, d + 2, device=dev)
+        bary.scatter_add_(1, d - rank, vb)
+        bary.scatter_add_(1, d - rank + 1, -vb)
+        bary[:, 0] += 1.0 + bary[:, d + 1]
+        self.weights = bary[:, : d + 1]  # (P, d+1)
+        # the d+1 vertices of each point's simplex: key_i = rem0_i + canonical[r, rank_i], first d coords
+        r = torch.arange(d + 1, device=dev)
+        canonical = torch.where(idx[None, :] <= d - r[:, None], r[:, None], r[:, None] - (d + 1))  # (d+1, d+1)
+        keys = rem0.long()[:, None, :d] + canonical[:, rank[:, :d]].permute(1, 0, 2)  # (P, d+1, d)
+        # pack (image, key) into one int64
+        lo = keys.amin(dim=(0, 1)) - (d + 2)
+        span = keys.amax(dim=(0, 1)) - lo + (d + 2) + 1
+        radix = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long, device=dev), span]), 0)
+        if float(radix[-1]) * b >= 2**62:
+            raise ValueError("feature range too large for the packed lattice keys; scale the features down")
+        self._lo, self._radix = lo, radix
+        image = torch.arange(b, device=dev).repeat_interleave(n)[:, None].expand(-1, d + 1)
+        packed = self._pack(keys, image)
+        self.keys_sorted, inverse = torch.unique(packed, return_inverse=True)  # sorted lattice points
+        self.offsets = inverse  # (P, d+1) lattice index of each vertex
+        self.m = self.keys_sorted.numel()
+        # neighbours of every lattice point along each of the d+1 directions
+        pts_img = torch.div(self.keys_sorted, radix[-1], rounding_mode="floor")
+        rest = self.keys_sorted - pts_img * radix[-1]
+        coords = torch.stack([torch.div(rest, radix[i], rounding_mode="floor") % span[i] for i in range(d)], 1) + lo
+        self.neighbours = []
+        for jdir in range(d + 1):
+            n1, n2 = coords - 1, coords + 1
+            if jdir < d:
+                n1[:, jdir] = coords[:, jdir] + d
+                n2[:, jdir] = coords[:, jdir] - d
+            self.neighbours.append((self._find(self._pack(n1, pts_img)), self._find(self._pack(n2, pts_img))))
+        self.alpha = 1.0 / (1.0 + 2.0 ** (-d))
+
+    def _pack(self, keys: Tensor, image: Tensor) -> Tensor:
+        k = keys - self._lo
+        return (k * self._radix[:-1]).sum(-1) + image * self._radix[-1]
+
+    def _find(self, packed: Tensor) -> Tensor:
+        """Index + 1 of each packed key among the lattice points, 0 where absent (the zero slot)."""
+        pos = torch.searchsorted(self.keys_sorted, packed).clamp_max(self.m - 1)
+        return torch.where(self.keys_sorted[pos] == packed, pos + 1, torch.zeros_like(pos))
+
+    def filter(self, values: Tensor) -> Tensor:
+        """Gaussian-filter per-point values. values: (B*N, C) -> (B*N, C)."""
+        c = values.shape[1]
+        grid = values.new_zeros(self.m + 1, c)
+        w = self.weights
+        grid.index_add_(0, (self.offsets + 1).reshape(-1), (w[:, :, None] * values[:, None, :]).reshape(-1, c))
+        for n1, n2 in self.neighbours:
+            # the gathers copy the old values before the in-place add; slot 0 stays 0
+            grid[1:] += 0.5 * (grid[n1] + grid[n2])
+        return self.alpha * (w[:, :, None] * grid[self.offsets + 1]).sum(1)
+
+
+class _Kernel:
+    def __init__(self, features: Tensor, weight: float) -> None:
+        self.lattice = Lattice(features)
+        ones = features.new_ones(features.shape[0] * features.shape[1], 1)
+        self.norm = 1.0 / torch.sqrt(self.lattice.filter(ones) + 1e-20)  # (P, 1), symmetric normalisation
+        self.weight = weight
+
+    def message(self, q: Tensor) -> Tensor:
+        return self.weight * self.norm * self.lattice.filter(q * self.norm)
+
+
+def _features(images: Tensor, sxy: float, srgb: float | None) -> Tensor:
+    b, h, w, _ = images.shape
+    yy, xx = torch.meshgrid(torch.arange(h, device=images.device, dtype=torch.float32),
+                            torch.arange(w, device=images.device, dtype=torch.float32), indexing="ij")
+    pos = torch.stack([xx / sxy, yy / sxy], -1).reshape(1, h * w, 2).expand(b, -1, -1)
+    if srgb is None:
+        return pos
+    return torch.cat([pos, images.reshape(b, h * w, 3).float() / srgb], -1)
+
+
+def mean_field(images: Tensor, unary: Tensor, iters: int, gauss_sxy: float, gauss_compat: float,
+               bi_sxy: float, bi_srgb: float, bi_compat: float) -> Tensor:
+    """images: uint8 (B, H, W, 3); unary: (B, C, H, W) energies. Returns Q (B, C, H, W)."""
+    b, c, h, w = unary.shape
+    kernels = [_Kernel(_features(images, gauss_sxy, None), gauss_compat),
+               _Kernel(_features(images, bi_sxy, bi_srgb), bi_compat)]
+    u = unary.float().permute(0, 2, 3, 1).reshape(b * h * w, c)
+    q = torch.softmax(-u, dim=1)
+    for _ in range(iters):
+        logits = -u
+        for k in kernels:
+            logits = logits + k.message(q)
+        q = torch.softmax(logits, dim=1)
+    return q.reshape(b, h, w, c).permute(0, 3, 1, 2)
