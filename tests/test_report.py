@@ -3,7 +3,7 @@ from PIL import Image
 
 from tkpbench.config import Config, apply_overrides
 from tkpbench.records import StageRecord, write_stage
-from tkpbench.report import build_tables, fig4_sweep, fig5_grid, load_results, main, to_markdown, variant
+from tkpbench.report import build_tables, fig4_sweep, fig5_grid, load_results, main, variant
 
 
 def _cfg(pooling, pce, k=6, eps=0.85, synthetic=False):

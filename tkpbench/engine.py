@@ -305,6 +305,30 @@ class _null:
         return False
 
 
+def add_fit_args(p) -> None:
+    """The command-line options every training entry point shares."""
+    import argparse
+
+    p.add_argument("--resume", default="auto", help="'auto' (newest valid checkpoint), a checkpoint path, or 'no'")
+    p.add_argument("--force", action="store_true", help="resume even if the config differs")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--debug-nan-at", type=int, default=-1, help=argparse.SUPPRESS)
+
+
+def fit_from_args(task: Task, cfg, run_dir: Path, dist: D.DistInfo, args) -> nn.Module:
+    """Write ``run_dir/config.toml`` (rank 0), then ``fit`` with the options of ``add_fit_args``."""
+    from tkpbench.config import save_config
+
+    if dist.is_main:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(run_dir) / "config.toml")
+    D.barrier()
+    return fit(task, cfg.to_dict(), run_dir, dist, resume=None if args.resume == "no" else args.resume,
+               force=args.force, progress=not args.no_progress, stop_after=args.stop_after, nan_at=args.debug_nan_at)
+
+
 def load_final(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / "final.pt"
     if not path.is_file():

@@ -16,15 +16,13 @@ Training, pseudo masks and DeepLab run under torchrun over all visible GPUs (one
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tkpbench.config import Config, apply_overrides, load_config, save_config
+from tkpbench.config import Config, load_config
 from tkpbench.io import atomic_write_json
 from tkpbench.records import load_summary
 

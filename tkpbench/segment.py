@@ -25,10 +25,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from tkpbench import distributed as D
-from tkpbench.config import Config, save_config
+from tkpbench.config import Config
 from tkpbench.data.transforms import EvalSet, PseudoMaskSet, build_dataset, eval_transform, seg_train_transform
 from tkpbench.deeplab import DeepLabV2
-from tkpbench.engine import Task, TrainingError, fit, load_final, unwrap
+from tkpbench.engine import Task, TrainingError, add_fit_args, fit_from_args, load_final, unwrap
 from tkpbench.metrics import ConfusionMatrix
 from tkpbench.records import StageRecord, per_class_dict, stamp, write_stage
 
@@ -185,12 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default=None, help="eval split (default: data.val_split)")
     p.add_argument("--config", type=Path, default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--resume", default="auto")
-    p.add_argument("--force", action="store_true")
     p.add_argument("--results", type=Path, default=Path("results"))
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
+    add_fit_args(p)
     args = p.parse_args(argv)
     from tkpbench.pseudo import run_config
 
@@ -198,12 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = run_config(args.run, args.config, args.overrides)
         if args.cmd == "train":
-            seg_dir = Path(args.run) / "seg"
-            if dist.is_main:
-                seg_dir.mkdir(parents=True, exist_ok=True)
-                save_config(cfg, seg_dir / "config.toml")
-            fit(SegTask(cfg, args.run), cfg.to_dict(), seg_dir, dist, resume=None if args.resume == "no" else args.resume,
-                force=args.force, progress=not args.no_progress, stop_after=args.stop_after)
+            fit_from_args(SegTask(cfg, args.run), cfg, Path(args.run) / "seg", dist, args)
         else:
             r = evaluate(args.run, args.split or cfg.data.val_split, dist, cfg, not args.no_progress, args.results)
             if dist.is_main:

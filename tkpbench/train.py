@@ -23,9 +23,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from tkpbench import distributed as D
-from tkpbench.config import Config, load_config, save_config
+from tkpbench.config import Config, load_config
 from tkpbench.data.transforms import EvalSet, TKPTrainSet, build_dataset, eval_transform, tkp_train_transform
-from tkpbench.engine import Task, TrainingError, fit, unwrap
+from tkpbench.engine import Task, TrainingError, add_fit_args, fit_from_args, unwrap
 from tkpbench.metrics import ConfusionMatrix
 from tkpbench.model import TKPPCL, merge_with_tags, tkp_loss
 
@@ -158,12 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a config key, e.g. --set data.root=/data/VOC2012 (repeatable)")
     p.add_argument("--name", default=None, help="run name (default: the config's name, else its file name)")
     p.add_argument("--runs", type=Path, default=Path("runs"))
-    p.add_argument("--resume", default="auto", help="'auto' (newest valid checkpoint), a checkpoint path, or 'no'")
-    p.add_argument("--force", action="store_true", help="resume even if the config differs")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--debug-nan-at", type=int, default=-1, help=argparse.SUPPRESS)
+    add_fit_args(p)
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.name:
@@ -171,12 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     dist = D.setup(args.device)
     run_dir = run_dir_for(cfg, args.runs)
     try:
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.toml")
-        D.barrier()
-        fit(TKPTask(cfg), cfg.to_dict(), run_dir, dist, resume=None if args.resume == "no" else args.resume,
-            force=args.force, progress=not args.no_progress, stop_after=args.stop_after, nan_at=args.debug_nan_at)
+        fit_from_args(TKPTask(cfg), cfg, run_dir, dist, args)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

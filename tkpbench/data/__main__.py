@@ -1,0 +1,80 @@
+"""Data commands.
+
+    python -m tkpbench.data download {voc,sbd,coco,weights} --root DIR [--base-url URL]
+    python -m tkpbench.data check {voc,coco} --root DIR [--splits train val train_aug]
+    python -m tkpbench.data prepare-aug --root VOC2012_DIR --sbd SBD_DATASET_DIR
+    python -m tkpbench.data coco-masks --root COCO_DIR --split train2014
+    python -m tkpbench.data synth --root DIR --n N --seed S
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tkpbench.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("download", help="fetch archives (resumable, checksummed) and extract them")
+    d.add_argument("what", choices=["voc", "sbd", "coco", "weights"])
+    d.add_argument("--root", type=Path, required=True)
+    d.add_argument("--base-url", default=None, help="mirror folder that holds the same file names")
+    c = sub.add_parser("check", help="report what is present and how to fix what is missing")
+    c.add_argument("dataset", choices=["voc", "coco"])
+    c.add_argument("--root", type=Path, required=True)
+    c.add_argument("--splits", nargs="+", default=None)
+    a = sub.add_parser("prepare-aug", help="build train_aug.txt and SegmentationClassAug/ from SBD")
+    a.add_argument("--root", type=Path, required=True)
+    a.add_argument("--sbd", type=Path, required=True)
+    a.add_argument("--workers", type=int, default=0)
+    m = sub.add_parser("coco-masks", help="write COCO semantic masks as PNGs (parallel, resumable)")
+    m.add_argument("--root", type=Path, required=True)
+    m.add_argument("--split", default="train2014")
+    m.add_argument("--workers", type=int, default=0)
+    s = sub.add_parser("synth", help="generate the demo datasets (VOC layout + COCO twin)")
+    s.add_argument("--root", type=Path, required=True)
+    s.add_argument("--n", type=int, default=200)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--classes", type=int, default=20)
+    s.add_argument("--size", type=int, nargs=2, default=[120, 160], metavar=("H", "W"))
+    args = p.parse_args(argv)
+
+    from tkpbench.data.common import DatasetError
+    from tkpbench.data.download import DownloadError
+
+    try:
+        if args.cmd == "download":
+            from tkpbench.data.download import download
+
+            for path in download(args.what, args.root, args.base_url):
+                print(f"ok: {path}")
+        elif args.cmd == "check":
+            from tkpbench.data.check import check_dataset
+
+            splits = args.splits or (["train", "val", "train_aug"] if args.dataset == "voc" else ["train2014", "val2014"])
+            ok, lines = check_dataset(args.dataset, args.root, splits)
+            print("\n".join(lines))
+            return 0 if ok else 1
+        elif args.cmd == "prepare-aug":
+            from tkpbench.data.voc import prepare_train_aug
+
+            print(prepare_train_aug(args.root, args.sbd, args.workers, progress=True))
+        elif args.cmd == "coco-masks":
+            from tkpbench.data.coco import COCOSegmentation, build_masks
+
+            ds = COCOSegmentation(args.root, args.split, skip_unannotated=False)
+            print(f"built {build_masks(ds, args.workers)} masks into {ds.mask_dir}")
+        elif args.cmd == "synth":
+            from tkpbench.data.synth import make_synthetic
+
+            print(make_synthetic(args.root, args.n, args.seed, tuple(args.size), args.classes))
+    except (DatasetError, DownloadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

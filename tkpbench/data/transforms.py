@@ -1,0 +1,180 @@
+"""Paired image/mask augmentation with torchvision.transforms.v2 and the torch Datasets that use it.
+
+Every random draw of a sample comes from a seed derived from (run seed, epoch, index), so the
+augmentation of a sample does not depend on which DataLoader worker loads it: a resumed run
+sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from tkpbench.config import DataConfig
+from tkpbench.data.common import IGNORE, read_mask
+
+
+def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[Any]:
+    return [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True), v2.Normalize(mean, std)]
+
+
+def tkp_train_transform(cfg: DataConfig, size: int, mean, std) -> v2.Compose:
+    """SPEC Sec. 1 (ViT-PCM's recipe): random resized crop with p = rrc_p, resize to size x size,
+    horizontal flip, colour jitter."""
+    b, c, s, h = cfg.color_jitter
+    return v2.Compose([
+        v2.RandomApply([v2.RandomResizedCrop(size, scale=tuple(cfg.rrc_scale), antialias=True)], p=cfg.rrc_p),
+        v2.Resize((size, size), antialias=True),
+        v2.RandomHorizontalFlip(cfg.hflip),
+        v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h),
+        *_normalize(mean, std),
+    ])
+
+
+def eval_transform(size: int | None, mean, std) -> v2.Compose:
+    """Resize image (bilinear) and mask (nearest) to size x size; size None keeps the image's own."""
+    steps: list[Any] = [v2.Resize((size, size), antialias=True)] if size else []
+    return v2.Compose([*steps, *_normalize(mean, std)])
+
+
+class RandomScale(v2.Transform):
+    """Rescale image and mask by a factor drawn uniformly from ``scale_range`` (DeepLab recipe)."""
+
+    def __init__(self, scale_range: Sequence[float]) -> None:
+        super().__init__()
+        self.lo, self.hi = float(scale_range[0]), float(scale_range[1])
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = v2.query_size(flat_inputs)
+        f = float(torch.empty(()).uniform_(self.lo, self.hi))
+        return {"size": [max(1, round(h * f)), max(1, round(w * f))]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return TF.resize(inpt, params["size"], antialias=True)
+
+
+def seg_train_transform(crop: int, scale_range: Sequence[float], mean, std) -> v2.Compose:
+    """DeepLab-v2 recipe: random scale, pad (image 0 after normalisation, mask 255), random crop, flip."""
+    fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE, "others": 0}
+    return v2.Compose([
+        RandomScale(scale_range),
+        v2.RandomCrop(crop, pad_if_needed=True, fill=fill),
+        v2.RandomHorizontalFlip(0.5),
+        *_normalize(mean, std),
+    ])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch * 100_003 + index) % (2**63)
+
+
+def _apply_seeded(transform: v2.Compose, key: Any, *inputs: Any) -> Any:
+    if isinstance(key, tuple):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return index, transform(*inputs)
+    return key, transform(*inputs)
+
+
+class TKPTrainSet(Dataset):
+    """(image (3, S, S) float, tags (C,) bool) for TKP-PCL training. Only the class set of an
+    image reaches training, never a pixel of its mask."""
+
+    def __init__(self, base, transform: v2.Compose, cache_size: int = 0) -> None:
+        self.base = base
+        self.transform = transform
+        self.tags = torch.from_numpy(np.asarray(base.all_tags()))
+        self.cache: torch.Tensor | None = None
+        if cache_size:
+            self.cache = preload_images(base, cache_size)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index = key[0] if isinstance(key, tuple) else key
+        if self.cache is not None:
+            img = tv_tensors.Image(self.cache[index])
+        else:
+            img = tv_tensors.Image(torch.from_numpy(self.base.image(index)).permute(2, 0, 1))
+        _, img = _apply_seeded(self.transform, key, img)
+        return img, self.tags[index]
+
+
+class EvalSet(Dataset):
+    """(image, mask (H, W) long, tags, index) at a fixed size, or at the image's own size."""
+
+    def __init__(self, base, transform: v2.Compose) -> None:
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        img = tv_tensors.Image(torch.from_numpy(self.base.image(index)).permute(2, 0, 1))
+        mask = tv_tensors.Mask(torch.from_numpy(self.base.mask(index)))
+        img, mask = self.transform(img, mask)
+        return img, mask.long(), torch.from_numpy(np.asarray(self.base.tags(index))), index
+
+
+class PseudoMaskSet(Dataset):
+    """(image, pseudo mask) pairs for DeepLab training: masks read from ``mask_dir/<id>.png``."""
+
+    def __init__(self, base, mask_dir: Path, transform: v2.Compose) -> None:
+        self.base = base
+        self.mask_dir = Path(mask_dir)
+        self.transform = transform
+        missing = [i for i in base.ids if not (self.mask_dir / f"{i}.png").is_file()]
+        if missing:
+            from tkpbench.data.common import DatasetError
+
+            raise DatasetError(
+                f"{len(missing)} pseudo masks of {len(base.ids)} are missing from {self.mask_dir} (first: {missing[0]}.png); "
+                "run the pseudo-mask and CRF stages first (python -m tkpbench.pseudo / python -m tkpbench.crf)"
+            )
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index = key[0] if isinstance(key, tuple) else key
+        img = tv_tensors.Image(torch.from_numpy(self.base.image(index)).permute(2, 0, 1))
+        m = read_mask(self.mask_dir / f"{self.base.ids[index]}.png", self.base.num_classes)
+        mask = tv_tensors.Mask(torch.from_numpy(m))
+        _, (img, mask) = _apply_seeded(self.transform, key, img, mask)
+        return img, mask.long()
+
+
+def preload_images(base, size: int, workers: int = 8) -> torch.Tensor:
+    """uint8 (N, 3, size, size) in shared memory: VOC train_aug at 384 is about 4.7 GB."""
+    out = torch.empty((len(base), 3, size, size), dtype=torch.uint8).share_memory_()
+
+    def load(i: int) -> None:
+        img = torch.from_numpy(base.image(i)).permute(2, 0, 1)
+        out[i] = TF.resize(img, [size, size], antialias=True)
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(load, range(len(base))))
+    return out
+
+
+def build_dataset(cfg: DataConfig, split: str):
+    """The dataset object for ``cfg.dataset`` and ``split`` (SPEC Sec. 4 classes)."""
+    from tkpbench.data.coco import COCOSegmentation
+    from tkpbench.data.voc import VOCSegmentation
+
+    if cfg.dataset == "voc":
+        return VOCSegmentation(cfg.root, split, tags=cfg.tags)
+    if cfg.dataset == "coco":
+        return COCOSegmentation(cfg.root, split)
+    raise ValueError(f"data.dataset must be 'voc' or 'coco', got {cfg.dataset!r}")
