@@ -7,7 +7,8 @@
   (FLOPs: forward of everything + backward through the trainable blocks only, see ``train_flops``).
 * pce / pooling: vectorised implementation against a naive Python loop.
 * data: decoded+augmented images/s per DataLoader worker on generated data.
-* crf: seconds per 500x375 image with 21 labels (pydensecrf), and images/s with all cores.
+* crf: seconds per 500x375 image with 21 labels, pydensecrf (one core, and images/s with all cores) and the
+  torch permutohedral backend on the present device.
 * metrics: confusion matrix over VOC-val-sized data (1,449 masks of 500x375).
 * deeplab: training images/s at crop 321, batch 10 (ResNet-101), bf16 + channels_last vs fp32 on CUDA.
 """
@@ -149,6 +150,12 @@ def bench_crf(out: dict) -> None:
 
     img, probs = _crf_inputs()
     one = _timeit(lambda: dense_crf(img, probs), warmup=0, reps=2)
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if dev == "cuda" else None
+    torch_one = _timeit(lambda: dense_crf(img, probs, backend="torch", device=dev), warmup=1 if dev == "cuda" else 0,
+                        reps=5 if dev == "cuda" else 1, sync=sync)
     cores = os.cpu_count() or 1
     n = 2 * cores
     t = time.perf_counter()
@@ -156,6 +163,8 @@ def bench_crf(out: dict) -> None:
         list(pool.map(_crf_job, range(n)))
     out["crf_pydensecrf_500x375x21"] = {"s_per_image_one_core": round(one, 2), "cores": cores,
                                          "images_per_s_all_cores": round(n / (time.perf_counter() - t), 2)}
+    out["crf_torch_500x375x21"] = {"device": dev, "s_per_image": round(torch_one, 3),
+                                   "speedup_vs_pydensecrf_one_core": round(one / torch_one, 2)}
 
 
 def _crf_inputs():

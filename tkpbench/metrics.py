@@ -30,13 +30,20 @@ class ConfusionMatrix:
         if p.shape != t.shape:
             raise ValueError(f"prediction shape {tuple(p.shape)} differs from target shape {tuple(t.shape)}")
         n = self.num_classes
-        t = t.reshape(-1).long()
-        p = p.to(t.device).reshape(-1).long()
+        t = t.reshape(-1)
+        p = p.to(t.device).reshape(-1)
+        signed = t.is_signed() or p.is_signed()
+        t = t.int()
+        p = p.int()
         # ignored pixels go to an extra row that is dropped: no boolean gather on the hot path
         t = torch.where(t == self.ignore_index, n, t)
-        if p.numel() and (int(p.max()) >= n or int(p.min()) < 0 or int(t.max()) > n or int(t.min()) < 0):
-            raise ValueError(f"class index outside [0, {n}) that is not the ignore index {self.ignore_index}")
-        counts = torch.bincount(t * n + p, minlength=(n + 1) * n)[: n * n].reshape(n, n)
+        if p.numel():
+            bad = int(p.max()) >= n or int(t.max()) > n
+            if signed:
+                bad = bad or int(p.min()) < 0 or int(t.min()) < 0
+            if bad:
+                raise ValueError(f"class index outside [0, {n}) that is not the ignore index {self.ignore_index}")
+        counts = torch.bincount(t * n + p, minlength=(n + 1) * n)[: n * n].reshape(n, n).long()
         self.mat = counts if self.mat is None else self.mat.to(counts.device) + counts
 
     def _m(self) -> Tensor:

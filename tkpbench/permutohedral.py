@@ -5,8 +5,9 @@ Davis 2010) as pydensecrf uses it: elevate the features onto the hyperplane, fin
 simplex by rounding and ranking, splat with barycentric weights, blur once along each of the
 d + 1 lattice directions with the [1/2, 1, 1/2] kernel, slice, and scale by 1 / (1 + 2^-d).
 Lattice keys are packed into one int64 per vertex (image index included), de-duplicated with
-``torch.unique`` and looked up with ``torch.searchsorted``; nothing loops over pixels or
-lattice points. Loops run over the mean-field iterations and the d + 1 blur directions only.
+``torch.unique`` and looked up with ``torch.searchsorted``; splat, blurs and slice are then
+sparse CSR matrices, so a filtering is d + 3 sparse-dense products. Nothing loops over pixels
+or lattice points. Loops run over the mean-field iterations and the d + 1 blur directions only.
 The kernel is normalised symmetrically (densecrf's default NORMALIZE_SYMMETRIC) and the
 compatibility is Potts, so one mean-field step is Q <- softmax(-U + sum_k w_k N_k K_k N_k Q).
 """
@@ -14,6 +15,7 @@ compatibility is Potts, so one mean-field step is Q <- softmax(-U + sum_k w_k N_
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -85,6 +87,37 @@ class Lattice:
                 n2[:, jdir] = coords[:, jdir] - d
             self.neighbours.append((self._find(self._pack(n1, pts_img)), self._find(self._pack(n2, pts_img))))
         self.alpha = 1.0 / (1.0 + 2.0 ** (-d))
+        self._build_operators(dev)
+
+    def _build_operators(self, dev: torch.device) -> None:
+        """Splat, the d + 1 blurs and slice as sparse CSR matrices, built row-sorted directly
+        (no coalesce). A filtering is then d + 3 sparse-dense products."""
+        p, m, d = self.b * self.n, self.m, self.d
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            # slice: row = point, its d+1 vertices (columns sorted within the row)
+            cols, order = self.offsets.sort(dim=1)
+            vals = self.weights.gather(1, order) * self.alpha
+            crow = torch.arange(0, p * (d + 1) + 1, d + 1, device=dev)
+            self.slice = torch.sparse_csr_tensor(crow, cols.reshape(-1), vals.reshape(-1), (p, m))
+            # splat: the transpose, rows = lattice points
+            flat_rows = self.offsets.reshape(-1)
+            by_row = torch.argsort(flat_rows * p + torch.arange(p, device=dev).repeat_interleave(d + 1))
+            crow = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), torch.bincount(flat_rows, minlength=m).cumsum(0)])
+            point = torch.arange(p, device=dev).repeat_interleave(d + 1)[by_row]
+            self.splat = torch.sparse_csr_tensor(crow, point, self.weights.reshape(-1)[by_row], (m, p))
+            # blurs: row i holds i (weight 1) and its two neighbours along the direction (1/2 each)
+            ar = torch.arange(m, device=dev)
+            self.blurs = []
+            for n1, n2 in self.neighbours:
+                c = torch.stack([ar, n1 - 1, n2 - 1], 1)  # -1 where the neighbour is absent
+                v = torch.tensor([1.0, 0.5, 0.5], device=dev).expand(m, 3)
+                c = torch.where(c < 0, m, c)  # absent ones sort last and are dropped
+                c, order = c.sort(dim=1)
+                v = v.gather(1, order)
+                keep = c < m
+                crow = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), keep.sum(1).cumsum(0)])
+                self.blurs.append(torch.sparse_csr_tensor(crow, c[keep], v[keep], (m, m)))
 
     def _pack(self, keys: Tensor, image: Tensor) -> Tensor:
         k = keys - self._lo
@@ -96,15 +129,11 @@ class Lattice:
         return torch.where(self.keys_sorted[pos] == packed, pos + 1, torch.zeros_like(pos))
 
     def filter(self, values: Tensor) -> Tensor:
-        """Gaussian-filter per-point values. values: (B*N, C) -> (B*N, C)."""
-        c = values.shape[1]
-        grid = values.new_zeros(self.m + 1, c)
-        w = self.weights
-        grid.index_add_(0, (self.offsets + 1).reshape(-1), (w[:, :, None] * values[:, None, :]).reshape(-1, c))
-        for n1, n2 in self.neighbours:
-            # the gathers copy the old values before the in-place add; slot 0 stays 0
-            grid[1:] += 0.5 * (grid[n1] + grid[n2])
-        return self.alpha * (w[:, :, None] * grid[self.offsets + 1]).sum(1)
+        """Gaussian-filter per-point values: slice(blur_d(...blur_0(splat(values)))). (B*N, C) -> (B*N, C)."""
+        grid = self.splat @ values.float()
+        for blur in self.blurs:  # [1/2, 1, 1/2] along each lattice direction; absent neighbours count 0
+            grid = blur @ grid
+        return self.slice @ grid
 
 
 class _Kernel:
