@@ -5,7 +5,7 @@ BIN      = $(VENV)/bin
 STAMP    = $(VENV)/.installed
 NPROC   ?= $(shell $(PY) -c "import torch;print(max(torch.cuda.device_count(),1))" 2>/dev/null || echo 1)
 
-.PHONY: install test test-fast test-all demo bench report reproduce-voc reproduce-coco ablation sweep clean-demo
+.PHONY: install test test-fast demo bench report reproduce-voc reproduce-coco ablation sweep clean-demo
 
 install: $(STAMP)
 

@@ -5,7 +5,7 @@ from tkpbench.config import ModelConfig
 from tkpbench.encoder import PatchEncoder, WeightsError
 from tkpbench.model import TKPPCL, merge_with_tags, tkp_loss
 
-TINY = dict(encoder="vit_tiny_patch16_224", encoder_kwargs={"depth": 2}, img_size=64, hidden=8, num_classes=5, k=2)
+TINY = dict(weights="", encoder="vit_tiny_patch16_224", encoder_kwargs={"depth": 2}, img_size=64, hidden=8, num_classes=5, k=2)
 
 
 def tiny_model(**kw):

@@ -31,6 +31,13 @@ def test_reproduce_sh_prints_usage_for_an_unknown_target():
     assert r.returncode == 2 and "Usage" in r.stdout
 
 
+def test_a_real_data_run_without_pretrained_weights_is_refused(synth_root):
+    cfg = tiny_config(synth_root / "VOC2012")
+    cfg.synthetic = False
+    with pytest.raises(PipelineError, match=r"model\.weights is empty.*random init"):
+        check_data(cfg, print)
+
+
 @pytest.mark.slow
 def test_whole_chain_runs_then_a_rerun_skips_every_stage(synth_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

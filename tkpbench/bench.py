@@ -6,6 +6,7 @@
   trainable), images/s and, on CUDA, the model FLOP rate against a measured bf16 matmul peak
   (FLOPs: forward of everything + backward through the trainable blocks only, see ``train_flops``).
 * pce / pooling: vectorised implementation against a naive Python loop.
+* pseudo: pseudo-mask inference images/s at 960 (ViT-B/16, merge, upsampling, argmax).
 * data: decoded+augmented images/s per DataLoader worker on generated data.
 * crf: seconds per 500x375 image with 21 labels, pydensecrf (one core, and images/s with all cores) and the
   torch permutohedral backend on the present device.
@@ -67,7 +68,7 @@ def bench_model(device: torch.device, batch: int, out: dict) -> None:
     from tkpbench.model import TKPPCL, tkp_loss
     from tkpbench.distributed import autocast
 
-    model = TKPPCL(ModelConfig(encoder="vit_base_patch16_384")).to(device)
+    model = TKPPCL(ModelConfig(encoder="vit_base_patch16_384", weights="")).to(device)
     model.encoder.unfreeze(5)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x = torch.randn(batch, 3, 384, 384, device=device)
@@ -89,6 +90,29 @@ def bench_model(device: torch.device, batch: int, out: dict) -> None:
         r.update(bf16_matmul_peak_tflops=round(peak, 1), model_tflops=round(achieved, 1), fraction_of_peak=round(achieved / peak, 3),
                  peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
     out["model"] = r
+
+
+@torch.no_grad()
+def bench_pseudo(device: torch.device, out: dict) -> None:
+    """Pseudo-mask inference at 960: forward, tag merge, upsampling to 500x375, argmax."""
+    from tkpbench.config import ModelConfig
+    from tkpbench.distributed import autocast
+    from tkpbench.model import TKPPCL
+    from tkpbench.train import patch_masks
+
+    model = TKPPCL(ModelConfig(encoder="vit_base_patch16_384", weights="")).to(device).eval()
+    batch = 4 if device.type == "cuda" else 1
+    x = torch.randn(batch, 3, 960, 960, device=device)
+    tags = torch.zeros(batch, 21, dtype=torch.bool, device=device)
+    tags[:, [0, 3, 15]] = True
+
+    def run():
+        with autocast(device):
+            o = model(x)
+        return patch_masks(o.z, o.grid, tags, (375, 500))
+
+    dt = _timeit(run, warmup=2 if device.type == "cuda" else 0, reps=5 if device.type == "cuda" else 1, sync=_sync(device))
+    out["pseudo_masks_at_960"] = {"batch": batch, "images_per_s": round(batch / dt, 3)}
 
 
 def bench_pce_pooling(device: torch.device, out: dict) -> None:
@@ -226,7 +250,7 @@ def bench_deeplab(device: torch.device, out: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tkpbench.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="metrics,pce,pooling,crf,data,model,deeplab")
+    p.add_argument("--only", default="metrics,pce,pooling,crf,data,model,pseudo,deeplab")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=16, help="TKP-PCL training batch (the paper's 16)")
     p.add_argument("--json", type=Path, default=None)
@@ -242,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = [("metrics", lambda: bench_metrics(out)), ("pce", lambda: bench_pce_pooling(device, out)),
              ("crf", lambda: bench_crf(out)), ("data", lambda: bench_data(out, Path(tempfile.mkdtemp()))),
              ("model", lambda: bench_model(device, args.batch, out)),
+             ("pseudo", lambda: bench_pseudo(device, out)),
              ("deeplab", lambda: bench_deeplab(device, out))]
     for name, fn in steps:
         if name in only or (name == "pce" and "pooling" in only):

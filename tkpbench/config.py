@@ -29,7 +29,9 @@ class ModelConfig:
     # ViT-PCM used (mean = std = 0.5).
     encoder: str = "vit_base_patch16_384.orig_in21k_ft_in1k"
     encoder_kwargs: dict = field(default_factory=dict)  # e.g. {depth = 2} for tiny demo encoders
-    weights: str = ""  # local .pth / .safetensors / .npz; "" = random init (demo and tests only)
+    # local .pth / .safetensors / .npz (python -m tkpbench.data download weights --root weights);
+    # "" = random init, for the demo and tests only
+    weights: str = "weights/jx_vit_base_p16_384-83fb41ba.pth"
     img_size: int = 384
     num_classes: int = 21
     hidden: int = 192  # per LSTM direction; output 4 * hidden
@@ -103,7 +105,7 @@ class CRFConfig:
 @dataclass
 class SegConfig:
     backbone: str = "resnet101"
-    weights: str = ""  # local torchvision ResNet checkpoint; "" = random init (demo/tests only)
+    weights: str = "weights/resnet101-63fe2227.pth"  # torchvision ImageNet ResNet; "" = random init (demo/tests)
     crop: int = 321
     batch_size: int = 10
     lr: float = 2.5e-4

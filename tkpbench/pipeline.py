@@ -62,7 +62,12 @@ def check_data(cfg: Config, log) -> None:
 
     splits = sorted({cfg.data.train_split, cfg.data.val_split, cfg.data.mask_split, cfg.data.seg_train_split})
     ok, lines = check_dataset(cfg.data.dataset, cfg.data.root, splits)
-    for what, path in (("encoder", cfg.model.weights), ("DeepLab backbone", cfg.seg.weights)):
+    for what, key, path in (("encoder", "model.weights", cfg.model.weights),
+                            ("DeepLab backbone", "seg.weights", cfg.seg.weights)):
+        if not path and not cfg.synthetic:
+            ok = False
+            lines.append(f"  {what} weights: {key} is empty, which would train from random init; the paper starts "
+                         f"from ImageNet weights. Fix: python -m tkpbench.data download weights --root weights")
         if path and not Path(path).is_file():
             ok = False
             lines.append(f"  {what} weights {path}: MISSING. Fix: python -m tkpbench.data download weights --root weights")
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.target == "voc":
             run_chain(BASELINES / "topk_pce.toml", ["data.dataset=voc"] + ov, args.runs, args.results, nproc)
         elif args.target == "coco":
-            coco = ["data.dataset=coco", "model.num_classes=81", "data.train_split=train2014", "data.val_split=val2014",
+            coco = ["data.root=data/coco", "data.dataset=coco", "model.num_classes=81", "data.train_split=train2014", "data.val_split=val2014",
                     "data.mask_split=train2014", "data.seg_train_split=train2014", "name=coco_topk_pce"]
             run_chain(BASELINES / "topk_pce.toml", coco + ov, args.runs, args.results, nproc)
         elif args.target == "ablation":

@@ -150,7 +150,9 @@ def download(name: str, root: Path, base_url: str | None = None) -> list[Path]:
     done = []
     for r in RESOURCES[name]:
         url = f"{base_url.rstrip('/')}/{r.filename}" if base_url else r.url
-        archive = fetch(url, Path(root) / "downloads" / r.filename, r.checksum)
+        # archives go to root/downloads/ and are extracted; plain files (weights) land in root/
+        folder = Path(root) / "downloads" if r.extract_to is not None else Path(root)
+        archive = fetch(url, folder / r.filename, r.checksum)
         if r.extract_to is not None:
             marker = Path(root) / "downloads" / f"{r.filename}.extracted"
             if not marker.exists():
