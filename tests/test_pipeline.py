@@ -56,6 +56,29 @@ def test_whole_chain_runs_then_a_rerun_skips_every_stage(synth_root, tmp_path, m
 
 
 @pytest.mark.slow
+def test_coco_layout_chain_on_the_generated_twin(synth_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    cfg = tiny_config(synth_root / "coco", "tiny_coco", data__dataset="coco", data__train_split="train2014",
+                      data__val_split="val2014", data__mask_split="train2014", data__seg_train_split="train2014")
+    save_config(cfg, tmp_path / "coco.toml")
+    run_chain(tmp_path / "coco.toml", [], tmp_path / "runs", tmp_path / "results", 1, log=lambda *_: None)
+    stages = load_summary(tmp_path / "results" / "tiny_coco" / "summary.json")["stages"]
+    assert stages["mask"]["dataset"] == "coco" and stages["mask"]["num_images"] == 20  # 21 generated, the unannotated one left out
+    assert stages["seg"]["split"] == "val2014" and stages["seg"]["num_images"] == 4
+
+
+def test_num_classes_that_does_not_fit_the_dataset_is_refused(synth_root, tmp_path):
+    from tkpbench import distributed as D
+    from tkpbench.engine import TrainingError, fit
+    from tkpbench.train import TKPTask
+
+    cfg = tiny_config(synth_root / "VOC2012", model__num_classes="81")
+    with pytest.raises(TrainingError, match="model.num_classes=21"):
+        fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "r", D.DistInfo(), progress=False)
+
+
+@pytest.mark.slow
 def test_the_demo_really_learns(tmp_path, monkeypatch):
     """The demo's TKP-PCL pseudo masks must stay far above the all-background baseline."""
     from tkpbench.data.synth import make_synthetic

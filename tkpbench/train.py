@@ -48,6 +48,11 @@ class TKPTask(Task):
 
     def train_set(self):
         base = build_dataset(self.cfg.data, self.cfg.data.train_split)
+        if base.num_classes != self.cfg.model.num_classes:
+            raise TrainingError(
+                f"model.num_classes is {self.cfg.model.num_classes} but {base!r} has {base.num_classes} classes "
+                f"(background included); set --set model.num_classes={base.num_classes}"
+            )
         mean, std = self._mean_std()
         tf = tkp_train_transform(self.cfg.data, self.cfg.model.img_size, mean, std)
         return TKPTrainSet(base, tf, cache_size=self.cfg.model.img_size if self.cfg.data.cache_images else 0)
