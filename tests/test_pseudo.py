@@ -109,3 +109,15 @@ def test_evaluate_folder_errors_name_the_file(synth_root, tmp_path):
     save_mask(tmp_path / f"{ds.ids[1]}.png", bad)
     with pytest.raises(DatasetError, match=rf"{ds.ids[1]}\.png holds values \[30\]"):
         evaluate_folder(tmp_path, ds)
+
+
+def test_evaluate_command_prints_a_per_class_table(synth_root, tmp_path, capsys):
+    from tkpbench.evaluate import main
+
+    ds = VOCSegmentation(synth_root / "VOC2012", "val")
+    for i in range(len(ds)):
+        save_mask(tmp_path / f"{ds.ids[i]}.png", np.where(ds.mask(i) == 255, 0, ds.mask(i)))
+    assert main(["--pred", str(tmp_path), "--split", "val", "--root", str(synth_root / "VOC2012")]) == 0
+    out = capsys.readouterr().out
+    assert "background" in out and "mIoU" in out and "100.0" in out
+    assert main(["--pred", str(tmp_path / "none"), "--split", "val", "--root", str(synth_root / "VOC2012")]) == 2

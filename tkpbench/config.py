@@ -79,7 +79,6 @@ class TrainConfig:
     log_every: int = 20
     eval_every: int = 1  # epochs; 0 = never
     max_steps: int = 0  # 0 = run all epochs; >0 stops early (smoke runs)
-    compile: bool = False
 
 
 @dataclass

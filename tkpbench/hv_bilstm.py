@@ -30,7 +30,12 @@ class HVBiLSTM(nn.Module):
         if x.dim() != 4 or x.shape[-1] != self.in_dim:
             raise ValueError(f"HVBiLSTM expects (B, H, W, {self.in_dim}), got {tuple(x.shape)}")
         b, h, w, e = x.shape
-        x = self.dropout(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            # the LSTMs run in fp32 even under bf16 autocast: cuDNN's bf16 RNN support varies by
+            # version and GPU, and the recurrences are a small share of the step's FLOPs
+            return self._forward(self.dropout(x.float()), b, h, w, e)
+
+    def _forward(self, x: Tensor, b: int, h: int, w: int, e: int) -> Tensor:
         rows, _ = self.horizontal(x.reshape(b * h, w, e))  # (B*H, W, 2*hidden)
         rows = rows.reshape(b, h, w, 2 * self.hidden)
         cols_in = x.transpose(1, 2).reshape(b * w, h, e)
