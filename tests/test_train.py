@@ -42,11 +42,14 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(synth_root, tmp_path
 
 
 def test_resuming_with_a_different_config_is_refused_with_the_keys(synth_root, tmp_path):
+    from tkpbench.config import dumps, load_config
+
     cfg = tiny_config(synth_root / "VOC2012")
-    fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "r", CPU, progress=False, stop_after=2)
+    fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "r", CPU, progress=False, stop_after=2, config_text=dumps(cfg))
     other = tiny_config(synth_root / "VOC2012", model__k="3")
     with pytest.raises(TrainingError, match=r"model\.k: 2 -> 3"):
-        fit(TKPTask(other), other.to_dict(), tmp_path / "r", CPU, progress=False)
+        fit(TKPTask(other), other.to_dict(), tmp_path / "r", CPU, progress=False, config_text=dumps(other))
+    assert load_config(tmp_path / "r" / "config.toml").model.k == 2  # the refused run overwrote nothing
     fit(TKPTask(other), other.to_dict(), tmp_path / "r", CPU, progress=False, force=True, stop_after=3)
     with pytest.raises(TrainingError, match="--resume auto"):
         fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "r", CPU, progress=False, resume=None)

@@ -108,13 +108,15 @@ class _Stop:
 
 
 def fit(task: Task, cfg_dict: dict[str, Any], run_dir: Path, dist: D.DistInfo, resume: str | None = "auto",
-        force: bool = False, progress: bool = True, stop_after: int = 0, nan_at: int = -1) -> nn.Module:
+        force: bool = False, progress: bool = True, stop_after: int = 0, nan_at: int = -1,
+        config_text: str | None = None) -> nn.Module:
     """Train ``task`` to the end (or to a signal), checkpointing under ``run_dir/checkpoints``.
 
     ``resume``: "auto" continues from the newest valid checkpoint, a path continues from that
     file, None refuses to touch a run folder that already has checkpoints. ``stop_after`` (debug)
     saves and returns after that many steps, like a kill right after a checkpoint;
-    ``nan_at`` (debug) replaces the loss by NaN at that step.
+    ``nan_at`` (debug) replaces the loss by NaN at that step. ``config_text`` is written to
+    ``run_dir/config.toml`` once the run is known not to clash with what the folder holds.
     """
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -155,6 +157,8 @@ def fit(task: Task, cfg_dict: dict[str, Any], run_dir: Path, dist: D.DistInfo, r
             keep = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= state.step]
             atomic_write_text(log_path, "".join(k + "\n" for k in keep))
 
+    if main and config_text is not None:
+        atomic_write_text(run_dir / "config.toml", config_text)
     if task.global_batch % dist.world:
         raise TrainingError(
             f"the global batch {task.global_batch} does not divide over {dist.world} processes; use a process count "
@@ -318,15 +322,12 @@ def add_fit_args(p) -> None:
 
 
 def fit_from_args(task: Task, cfg, run_dir: Path, dist: D.DistInfo, args) -> nn.Module:
-    """Write ``run_dir/config.toml`` (rank 0), then ``fit`` with the options of ``add_fit_args``."""
-    from tkpbench.config import save_config
+    """``fit`` with the options of ``add_fit_args``; the resolved config goes to ``run_dir/config.toml``."""
+    from tkpbench.config import dumps
 
-    if dist.is_main:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(run_dir) / "config.toml")
-    D.barrier()
     return fit(task, cfg.to_dict(), run_dir, dist, resume=None if args.resume == "no" else args.resume,
-               force=args.force, progress=not args.no_progress, stop_after=args.stop_after, nan_at=args.debug_nan_at)
+               force=args.force, progress=not args.no_progress, stop_after=args.stop_after, nan_at=args.debug_nan_at,
+               config_text=dumps(cfg))
 
 
 def load_final(run_dir: Path) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import colorsys
 import io
-import json
 from pathlib import Path
 
 import numpy as np
