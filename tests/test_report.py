@@ -67,6 +67,19 @@ def test_report_command_writes_tables_md_and_figures(tmp_path, capsys):
     assert "Table 4" in capsys.readouterr().out
 
 
+def test_per_class_tables_put_runs_side_by_side(tmp_path):
+    from tkpbench.report import per_class_tables
+
+    rec = StageRecord(stage="mask", dataset="voc", split="train", miou=50.0, per_class={"background": 80.0, "cat": 20.0},
+                      per_class_crf={"background": 90.0, "cat": 30.0}, num_images=3)
+    write_stage(tmp_path, "a", rec, _cfg("topk", True))
+    rec.per_class_crf = {"background": 85.0, "cat": None}
+    write_stage(tmp_path, "b", rec, _cfg("max", False))
+    (title, header, rows, _), = per_class_tables(load_results(tmp_path))
+    assert "after CRF" in title and header == ["class", "a", "b"]
+    assert rows == [["background", "90.0", "85.0"], ["cat", "30.0", "-"]]
+
+
 def test_fig4_is_absent_without_sweeps(tmp_path):
     assert fig4_sweep([], tmp_path / "f.png") is None
 
