@@ -45,8 +45,9 @@ def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                               cwd=Path(__file__).resolve().parent, timeout=10)
+        # "-dirty" when tracked code differs from the commit; results/ (this suite's own outputs) does not count
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":!/results"],
+                               capture_output=True, text=True, cwd=Path(__file__).resolve().parent, timeout=10)
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
     except Exception:
         return "unknown"
