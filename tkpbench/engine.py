@@ -7,6 +7,7 @@ One checkpoint format (a dict, see ``_checkpoint``) and one log format (``log.js
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -230,7 +231,7 @@ def fit(task: Task, cfg_dict: dict[str, Any], run_dir: Path, dist: D.DistInfo, r
                 chunks = [tuple(x[i * micro:(i + 1) * micro] for x in batch) for i in range(accum)]
                 for i, mb in enumerate(chunks):
                     sync = i == accum - 1 or not dist.enabled
-                    ctx = ddp.no_sync() if (dist.enabled and not sync) else _null()
+                    ctx = ddp.no_sync() if (dist.enabled and not sync) else contextlib.nullcontext()
                     with ctx:
                         with D.autocast(dist.device, task.amp):
                             losses = task.loss(ddp, mb, dist.device)
@@ -299,14 +300,6 @@ def fit(task: Task, cfg_dict: dict[str, Any], run_dir: Path, dist: D.DistInfo, r
                                                    "step": state.step, "task": task.name})
     D.barrier()
     return unwrap(model)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def add_fit_args(p) -> None:
