@@ -35,6 +35,14 @@ def load_state_dict_file(path: Path) -> dict[str, Tensor]:
     return obj
 
 
+def encoder_mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation of timm model ``name`` (its pretrained config; 0.5/0.5 when it has none)."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    mean = getattr(cfg, "mean", None) or (0.5, 0.5, 0.5)
+    std = getattr(cfg, "std", None) or (0.5, 0.5, 0.5)
+    return tuple(mean), tuple(std)
+
+
 class PatchEncoder(nn.Module):
     """ViT patch encoder. ``forward(x: (B, 3, H, W)) -> (tokens (B, S, E), grid (H/p, W/p))``."""
 
@@ -53,9 +61,7 @@ class PatchEncoder(nn.Module):
         self.patch_size = self.vit.patch_embed.patch_size[0]
         self.embed_dim = self.vit.embed_dim
         self.num_prefix_tokens = self.vit.num_prefix_tokens
-        cfg = self.vit.pretrained_cfg
-        self.mean = tuple(cfg.get("mean", (0.5, 0.5, 0.5)))
-        self.std = tuple(cfg.get("std", (0.5, 0.5, 0.5)))
+        self.mean, self.std = encoder_mean_std(name)
         if weights:
             self.load_weights(Path(weights))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +49,14 @@ class SegTask(Task):
         s = cfg.seg
         self.global_batch, self.seed, self.ckpt_every, self.log_every = s.batch_size, cfg.train.seed, s.ckpt_every, s.log_every
         self.amp, self.workers = cfg.train.amp, s.workers
-        self.num_classes = 0
 
-    def _base(self):
+    @cached_property
+    def base(self):
+        """The training split, built once (build_model and train_set both need it)."""
         return build_dataset(self.cfg.data, self.cfg.data.seg_train_split)
 
     def build_model(self) -> nn.Module:
-        n = self.num_classes or self._base().num_classes
-        m = DeepLabV2(n, self.cfg.seg.backbone, self.cfg.seg.weights or None)
+        m = DeepLabV2(self.base.num_classes, self.cfg.seg.backbone, self.cfg.seg.weights or None)
         if torch.cuda.is_available():
             m = m.to(memory_format=torch.channels_last)
         if self.cfg.seg.freeze_bn:
@@ -74,7 +75,7 @@ class SegTask(Task):
 
     def train_set(self):
         s = self.cfg.seg
-        return PseudoMaskSet(self._base(), pseudo_mask_dir(self.run_dir, self.cfg),
+        return PseudoMaskSet(self.base, pseudo_mask_dir(self.run_dir, self.cfg),
                              seg_train_transform(s.crop, s.scale_range, IMAGENET_MEAN, IMAGENET_STD))
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:

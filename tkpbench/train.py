@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from tkpbench import distributed as D
 from tkpbench.config import Config, load_config
 from tkpbench.data.transforms import EvalSet, TKPTrainSet, build_dataset, eval_transform, tkp_train_transform
+from tkpbench.encoder import encoder_mean_std
 from tkpbench.engine import Task, TrainingError, add_fit_args, fit_from_args, unwrap
 from tkpbench.metrics import ConfusionMatrix
 from tkpbench.model import TKPPCL, merge_with_tags, tkp_loss
@@ -53,17 +55,14 @@ class TKPTask(Task):
                 f"model.num_classes is {self.cfg.model.num_classes} but {base!r} has {base.num_classes} classes "
                 f"(background included); set --set model.num_classes={base.num_classes}"
             )
-        mean, std = self._mean_std()
+        mean, std = encoder_mean_std(self.cfg.model.encoder)
         tf = tkp_train_transform(self.cfg.data, self.cfg.model.img_size, mean, std)
         return TKPTrainSet(base, tf, cache_size=self.cfg.model.img_size if self.cfg.data.cache_images else 0)
 
-    def _mean_std(self):
-        import timm
-
-        pc = timm.models.get_pretrained_cfg(self.cfg.model.encoder)
-        mean = getattr(pc, "mean", None) or (0.5, 0.5, 0.5)
-        std = getattr(pc, "std", None) or (0.5, 0.5, 0.5)
-        return tuple(mean), tuple(std)
+    @cached_property
+    def val_set(self):
+        """Built once per run, not once per epoch (COCO's annotation file takes seconds to load)."""
+        return build_dataset(self.cfg.data, self.cfg.data.val_split)
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         m: TKPPCL = unwrap(model)
@@ -110,18 +109,17 @@ class TKPTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, dist: D.DistInfo) -> dict[str, float]:
-        return evaluate_patch_predictions(unwrap(model), self.cfg, dist, *self._mean_std())
+        return evaluate_patch_predictions(unwrap(model), self.cfg, dist, self.val_set)
 
 
 @torch.no_grad()
-def evaluate_patch_predictions(model: TKPPCL, cfg: Config, dist: D.DistInfo, mean, std) -> dict[str, float]:
-    """Image-level F1 (foreground, y > 0.5) and the mIoU of the tag-merged patch predictions,
-    both at the training size (cheap, as ViT-PCM's per-epoch check)."""
+def evaluate_patch_predictions(model: TKPPCL, cfg: Config, dist: D.DistInfo, base) -> dict[str, float]:
+    """Image-level F1 (foreground, y > 0.5) and the mIoU of the tag-merged patch predictions on
+    ``base`` (the val dataset), both at the training size (cheap, as ViT-PCM's per-epoch check)."""
     was_training = model.training
     model.eval()
-    base = build_dataset(cfg.data, cfg.data.val_split)
     size = cfg.model.img_size
-    ds = Subset(EvalSet(base, eval_transform(size, mean, std)), D.shard_indices(len(base), dist.rank, dist.world))
+    ds = Subset(EvalSet(base, eval_transform(size, model.encoder.mean, model.encoder.std)), D.shard_indices(len(base), dist.rank, dist.world))
     loader = DataLoader(ds, batch_size=8, num_workers=min(cfg.data.workers, 4))
     cm = ConfusionMatrix(base.num_classes)
     counts = torch.zeros(3, dtype=torch.float64, device=dist.device)  # tp, fp, fn
