@@ -80,3 +80,23 @@ def test_a_batch_equals_one_by_one():
 def test_torch_backend_rejects_bad_input():
     with pytest.raises(ValueError, match="sum to 1"):
         dense_crf(np.zeros((4, 4, 3), np.uint8), np.full((2, 4, 4), 0.2, np.float32), backend="torch")
+
+
+def test_filtering_ignores_what_its_reused_buffers_held():
+    """The filter writes into preallocated buffers (addmm with beta=0): stale contents, NaN
+    included, must never reach the result, and a later call with another channel count is exact."""
+    import torch
+
+    from tkpbench.permutohedral import Lattice
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.rand(2, 300, 5, generator=g) * 4
+    lat = Lattice(feats)
+    values = torch.rand(600, 4, generator=g)
+    first = lat.filter(values)
+    lat._grids = tuple(torch.full_like(t, float("nan")) for t in lat._grids)
+    again = lat.filter(values)
+    assert torch.isfinite(again).all()
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    narrow = lat.filter(values[:, :1])
+    torch.testing.assert_close(narrow, first[:, :1], rtol=1e-6, atol=1e-6)

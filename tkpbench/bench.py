@@ -9,7 +9,8 @@
 * pseudo: pseudo-mask inference images/s at 960 (ViT-B/16, merge, upsampling, argmax).
 * data: decoded+augmented images/s per DataLoader worker on generated data.
 * crf: seconds per 500x375 image with 21 labels, pydensecrf (one core, and images/s with all cores) and the
-  torch permutohedral backend on the present device.
+  torch permutohedral backend on the present device, on uniform noise (the lattice's worst case) and on a
+  photograph (``--crf-image``; default a VOC sample of ../shared/data, else a generated image).
 * metrics: confusion matrix over VOC-val-sized data (1,449 masks of 500x375).
 * deeplab: training images/s at crop 321, batch 10 (ResNet-101), bf16 + channels_last vs fp32 on CUDA.
 """
@@ -167,42 +168,57 @@ def bench_data(out: dict, tmp: Path) -> None:
     out["data_images_per_s_500x375_to_384"] = res
 
 
-def bench_crf(out: dict) -> None:
+def bench_crf(device: torch.device, out: dict, photo: Path | None) -> None:
+    """Both backends on two 500x375 inputs with 21 labels: uniform noise (the worst case for the
+    bilateral lattice, about d + 1 = 6 vertices per pixel) and a photograph (``photo``, a real VOC
+    image; a generated demo image where none is given), whose lattice is 3-6x smaller."""
     from concurrent.futures import ProcessPoolExecutor
 
     from tkpbench.crf import dense_crf
 
-    img, probs = _crf_inputs()
-    one = _timeit(lambda: dense_crf(img, probs), warmup=0, reps=2)
-    import torch
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    sync = torch.cuda.synchronize if dev == "cuda" else None
-    torch_one = _timeit(lambda: dense_crf(img, probs, backend="torch", device=dev), warmup=1 if dev == "cuda" else 0,
-                        reps=5 if dev == "cuda" else 1, sync=sync)
     cores = os.cpu_count() or 1
-    n = 2 * cores
-    t = time.perf_counter()
-    with ProcessPoolExecutor(cores) as pool:
-        list(pool.map(_crf_job, range(n)))
-    out["crf_pydensecrf_500x375x21"] = {"s_per_image_one_core": round(one, 2), "cores": cores,
-                                         "images_per_s_all_cores": round(n / (time.perf_counter() - t), 2)}
-    out["crf_torch_500x375x21"] = {"device": dev, "s_per_image": round(torch_one, 3),
-                                   "speedup_vs_pydensecrf_one_core": round(one / torch_one, 2)}
+    sync = _sync(device)
+    res: dict = {"cores": cores, "torch_device": device.type}
+    for kind in ("noise", "photo"):
+        img, probs, source = _crf_inputs(kind, photo)
+        one = _timeit(lambda: dense_crf(img, probs), warmup=0, reps=2)
+        ours = _timeit(lambda: dense_crf(img, probs, backend="torch", device=str(device)), warmup=1,
+                       reps=5 if device.type == "cuda" else 2, sync=sync)
+        n = 2 * cores
+        t = time.perf_counter()
+        with ProcessPoolExecutor(cores) as pool:
+            list(pool.map(_crf_job, [(kind, photo)] * n))
+        res[kind] = {"image": source, "pydensecrf_s_per_image_one_core": round(one, 3),
+                     "pydensecrf_images_per_s_all_cores": round(n / (time.perf_counter() - t), 2),
+                     "torch_s_per_image": round(ours, 3), "torch_images_per_s": round(1 / ours, 2),
+                     "torch_speedup_vs_pydensecrf_one_core": round(one / ours, 2)}
+    out["crf_500x375x21"] = res
 
 
-def _crf_inputs():
+def _crf_inputs(kind: str, photo: Path | None):
+    """uint8 (375, 500, 3) image, float32 (21, 375, 500) probabilities, and where the image came from."""
     rng = np.random.default_rng(0)
-    img = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)
+    if kind == "noise":
+        img, source = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8), "uniform noise"
+    elif photo is not None:
+        from PIL import Image
+
+        img = np.array(Image.open(photo).convert("RGB").resize((500, 375), Image.BILINEAR))
+        source = str(photo)
+    else:
+        from tkpbench.data.synth import render
+
+        img, source = render(rng, 375, 500, 20)[0], "generated demo image (tkpbench.data.synth.render, seed 0)"
     p = rng.random((21, 375, 500)).astype(np.float32) ** 4
-    return img, p / p.sum(0, keepdims=True)
+    return img, p / p.sum(0, keepdims=True), source
 
 
-def _crf_job(_):
+def _crf_job(args):
     os.environ["OMP_NUM_THREADS"] = "1"
     from tkpbench.crf import dense_crf
 
-    return dense_crf(*_crf_inputs()).shape
+    img, probs, _ = _crf_inputs(*args)
+    return dense_crf(img, probs).shape
 
 
 def bench_metrics(out: dict) -> None:
@@ -247,6 +263,9 @@ def bench_deeplab(device: torch.device, out: dict) -> None:
     out["deeplab_resnet101_crop321"] = res
 
 
+_SAMPLE_PHOTO = Path(__file__).resolve().parents[2] / "shared/data/voc2012-sample/VOC2012/JPEGImages/2007_000063.jpg"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tkpbench.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -254,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=16, help="TKP-PCL training batch (the paper's 16)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--crf-image", type=Path, default=_SAMPLE_PHOTO if _SAMPLE_PHOTO.is_file() else None,
+                   help="a photograph for the CRF benchmark (default: a VOC image of ../shared/data when present)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     from tkpbench.records import device_name, git_commit
@@ -264,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     steps = [("metrics", lambda: bench_metrics(out)), ("pce", lambda: bench_pce_pooling(device, out)),
-             ("crf", lambda: bench_crf(out)), ("data", lambda: bench_data(out, Path(tempfile.mkdtemp()))),
+             ("crf", lambda: bench_crf(device, out, args.crf_image)), ("data", lambda: bench_data(out, Path(tempfile.mkdtemp()))),
              ("model", lambda: bench_model(device, args.batch, out)),
              ("pseudo", lambda: bench_pseudo(device, out)),
              ("deeplab", lambda: bench_deeplab(device, out))]
