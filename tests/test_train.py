@@ -128,3 +128,18 @@ def test_two_process_torchrun_run_keeps_ranks_identical(synth_root, tmp_path):
     assert (tmp_path / "run" / "final.pt").is_file()
     fresh = TKPTask(tiny_config(synth_root / "VOC2012")).build_model().state_dict()
     assert not torch.equal(fresh["classifier.weight"], a["classifier.weight"])
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_every_rank_at_that_step(synth_root, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "ddp_worker.py"), str(synth_root / "VOC2012"), str(tmp_path / "run"), str(out), "2"]
+    r = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    for rank in (0, 1):  # both ranks stop at the same step, none hangs waiting for the other
+        err = (out / f"rank{rank}.err").read_text()
+        assert "non-finite loss at step 2 " in err and "loss=nan" in err, err
+        assert not (out / f"rank{rank}.pt").exists()
+    assert (tmp_path / "run" / "checkpoints" / "diagnostic_nan_step00000002.pt").is_file()

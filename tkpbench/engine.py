@@ -227,7 +227,7 @@ def fit(task: Task, cfg_dict: dict[str, Any], run_dir: Path, dist: D.DistInfo, r
                 lrs = task.lr_factors(state.step, state.epoch)
                 for g, lr in zip(optimizer.param_groups, lrs):
                     g["lr"] = lr
-                terms: dict[str, float] = {}
+                summed: torch.Tensor | None = None  # the loss terms, accumulated on the device
                 chunks = [tuple(x[i * micro:(i + 1) * micro] for x in batch) for i in range(accum)]
                 for i, mb in enumerate(chunks):
                     sync = i == accum - 1 or not dist.enabled
@@ -238,14 +238,16 @@ def fit(task: Task, cfg_dict: dict[str, Any], run_dir: Path, dist: D.DistInfo, r
                         if state.step == nan_at:
                             losses["loss"] = losses["loss"] * float("nan")
                         (losses["loss"] / accum).backward()
-                    for k, v in losses.items():
-                        terms[k] = terms.get(k, 0.0) + float(v.detach()) / accum
+                    part = torch.stack([v.detach().float() for v in losses.values()]) / accum
+                    summed = part if summed is None else summed + part
+                # One all-reduce and one host sync per step: the terms summed over ranks (a NaN or inf
+                # on any rank stays non-finite, so every rank decides alike) and the stop flag.
+                flag = torch.tensor([float(stop.signal is not None)], device=dist.device)
+                *values, stop_flag = D.all_reduce_sum(torch.cat([summed, flag])).tolist()
+                terms = {k: v / dist.world for k, v in zip(losses, values)}  # means over ranks
+                any_stop = stop_flag > 0
                 bad = [k for k, v in terms.items() if not math.isfinite(v)]
-                flags = torch.tensor([float(bool(bad)), float(stop.signal is not None)], device=dist.device)
-                any_bad, any_stop = (D.all_reduce_sum(flags) > 0).tolist()  # every rank decides alike
-                if any_bad:
-                    bad = bad or ["loss (on another rank)"]
-                    terms.setdefault(bad[0], float("nan"))
+                if bad:
                     path = checkpoint(f"diagnostic_nan_step{state.step:08d}.pt")
                     raise TrainingError(
                         f"non-finite loss at step {state.step} (epoch {state.epoch + 1}): "
