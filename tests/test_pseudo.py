@@ -94,6 +94,34 @@ def test_torch_crf_backend_on_a_folder_matches_pydensecrf(trained_run, tmp_path)
     assert np.mean(agree) > 0.995
 
 
+def test_torch_crf_with_loader_workers_equals_in_process_loading_and_names_a_damaged_file(trained_run, tmp_path):
+    """The device path's DataLoader workers and PNG writer thread change nothing but the timing."""
+    import shutil
+    from dataclasses import asdict
+
+    from tkpbench.crf import _refine_on_device
+    from tkpbench.data.transforms import build_dataset
+
+    run, cfg = trained_run
+    generate(run, "train", D.DistInfo(), progress=False)
+    ds = build_dataset(cfg.data, "train")
+    crf_cfg = {**asdict(cfg.crf), "backend": "torch", "device": "cpu"}
+    outs = {}
+    for loaders in (0, 2):
+        pseudo = tmp_path / f"loaders{loaders}"
+        shutil.copytree(run / "pseudo" / "probs", pseudo / "probs")
+        (pseudo / "crf").mkdir()
+        (pseudo / "probs" / f"{ds.ids[1]}.npz").write_bytes(b"garbage")
+        results = list(_refine_on_device(ds, pseudo, list(range(len(ds))), crf_cfg, loaders))
+        errors = [r for r in results if r != "done"]
+        assert len(results) == len(ds) and len(errors) == 1
+        assert f"{ds.ids[1]}.npz" in errors[0] and "python -m tkpbench.pseudo" in errors[0]
+        outs[loaders] = {i: np.array(Image.open(pseudo / "crf" / f"{i}.png")) for i in ds.ids if i != ds.ids[1]}
+        assert len(outs[loaders]) == len(ds) - 1 and not (pseudo / "crf" / f"{ds.ids[1]}.png").exists()
+    for i, mask in outs[0].items():
+        assert np.array_equal(mask, outs[2][i]), i
+
+
 def test_evaluate_folder_errors_name_the_file(synth_root, tmp_path):
     ds = VOCSegmentation(synth_root / "VOC2012", "val")
     with pytest.raises(DatasetError, match=rf"missing.*{ds.ids[0]}\.png"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections import deque
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -97,31 +98,95 @@ def _init(cfg_dict: dict, data_cfg: dict, split: str, pseudo_dir: str) -> None:
     _CTX.update(cfg=cfg_dict, ds=build_dataset(DataConfig(**data_cfg), split), dir=Path(pseudo_dir))
 
 
-def refine_one(i: int) -> str:
-    """Refine image ``i`` of the worker's dataset; returns 'done', 'skipped' or an error text."""
-    from tkpbench.data.common import save_mask
+def _load(ds, pseudo_dir: Path, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image ``i`` (uint8 (H, W, 3)) and its merged probabilities (float32 (C, H, W)); a damaged
+    probabilities file raises ValueError naming it and the fix."""
     from tkpbench.pseudo import load_probs
 
+    path = pseudo_dir / "probs" / f"{ds.ids[i]}.npz"
+    try:
+        probs = load_probs(path, ds.num_classes)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be loaded ({e}); run python -m tkpbench.pseudo again, "
+                         "which recomputes damaged files") from e
+    return ds.image(i), probs
+
+
+def crf_labels(image: np.ndarray, probs: np.ndarray, cfg: dict) -> np.ndarray:
+    """The CRF-refined label map (uint8 (H, W)) of merged probabilities (C, H, W): only the classes
+    present (non-zero somewhere) enter the CRF; with fewer than two the map is that class."""
+    present = np.flatnonzero(probs.reshape(probs.shape[0], -1).max(1) > 0)
+    if len(present) < 2:
+        return np.full(probs.shape[1:], present[0] if len(present) else 0, dtype=np.uint8)
+    sub = probs[present]
+    sub = sub / np.clip(sub.sum(0, keepdims=True), 1e-12, None)
+    return present[dense_crf(image, sub, **cfg).argmax(0)].astype(np.uint8)
+
+
+def refine_one(i: int) -> str:
+    """Refine image ``i`` of the pool worker's dataset; returns 'done', 'skipped' or an error text."""
+    from tkpbench.data.common import save_mask
+
     ds, d = _CTX["ds"], _CTX["dir"]
-    image_id = ds.ids[i]
-    out = d / "crf" / f"{image_id}.png"
+    out = d / "crf" / f"{ds.ids[i]}.png"
     if out.is_file():
         return "skipped"
     try:
-        probs = load_probs(d / "probs" / f"{image_id}.npz", ds.num_classes)
-    except Exception as e:
-        return (f"{d / 'probs' / (image_id + '.npz')}: cannot be loaded ({e}); run python -m tkpbench.pseudo again, "
-                "which recomputes damaged files")
-    present = np.flatnonzero(probs.reshape(probs.shape[0], -1).max(1) > 0)
-    if len(present) < 2:
-        label = np.full(probs.shape[1:], present[0] if len(present) else 0, dtype=np.uint8)
-    else:
-        sub = probs[present]
-        sub = sub / np.clip(sub.sum(0, keepdims=True), 1e-12, None)
-        q = dense_crf(ds.image(i), sub, **_CTX["cfg"])
-        label = present[q.argmax(0)].astype(np.uint8)
-    save_mask(out, label)
+        image, probs = _load(ds, d, i)
+    except ValueError as e:
+        return str(e)
+    save_mask(out, crf_labels(image, probs, _CTX["cfg"]))
     return "done"
+
+
+class _Inputs:
+    """(index, image, probabilities or None, error text or None) of the images to refine, for a
+    DataLoader whose workers decode while the device runs the CRF."""
+
+    def __init__(self, ds, pseudo_dir: Path, todo: list[int]) -> None:
+        self.ds, self.dir, self.todo = ds, pseudo_dir, todo
+
+    def __len__(self) -> int:
+        return len(self.todo)
+
+    def __getitem__(self, n: int):
+        i = self.todo[n]
+        try:
+            return (i, *_load(self.ds, self.dir, i), None)
+        except ValueError as e:
+            return i, None, None, str(e)
+
+
+def _refine_on_device(ds, pseudo_dir: Path, todo: list[int], cfg: dict, loaders: int):
+    """The torch backend: one process drives the device image by image while DataLoader workers
+    load the next images and a thread writes the PNGs, so the device does not wait on file I/O.
+    Yields 'done' or an error text per image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch.utils.data import DataLoader
+
+    from tkpbench.data.common import save_mask
+
+    loader = DataLoader(_Inputs(ds, pseudo_dir, todo), batch_size=None, num_workers=loaders,
+                        prefetch_factor=4 if loaders else None, collate_fn=_as_is)  # keep numpy arrays
+    with ThreadPoolExecutor(1) as writer:
+        pending: deque = deque()
+        for i, image, probs, error in loader:
+            if error is not None:
+                yield error
+                continue
+            label = crf_labels(image, probs, cfg)
+            pending.append(writer.submit(save_mask, pseudo_dir / "crf" / f"{ds.ids[i]}.png", label))
+            while pending and pending[0].done():
+                pending.popleft().result()
+                yield "done"
+        for f in pending:
+            f.result()
+            yield "done"
+
+
+def _as_is(sample):
+    return sample
 
 
 def refine_folder(run_dir: Path, split: str, cfg: CRFConfig, data_cfg, rank: int = 0, world: int = 1,
@@ -143,12 +208,12 @@ def refine_folder(run_dir: Path, split: str, cfg: CRFConfig, data_cfg, rank: int
     workers = cfg.workers or os.cpu_count() or 1
     errors = []
     args = (asdict(cfg), asdict(data_cfg), split, str(pseudo_dir))
-    if cfg.backend == "torch":  # one process drives the GPU (or CPU) image by image
+    if cfg.backend == "torch":
         import torch
 
         args[0]["device"] = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        _init(*args)
-        results = map(refine_one, todo)
+        loaders = min(workers, 4) if args[0]["device"] != "cpu" else 0  # on the CPU the CRF itself uses every core
+        results = _refine_on_device(ds, pseudo_dir, todo, args[0], loaders)
         pool = None
     else:
         pool = ProcessPoolExecutor(workers, initializer=_init, initargs=args)
