@@ -65,13 +65,17 @@ def train_flops(batch: int, tokens: int = 577, dim: int = 768, depth: int = 12, 
 
 
 def bench_model(device: torch.device, batch: int, out: dict) -> None:
-    from tkpbench.config import ModelConfig
-    from tkpbench.model import TKPPCL, tkp_loss
+    from tkpbench.config import Config, ModelConfig
     from tkpbench.distributed import autocast
+    from tkpbench.model import tkp_loss
+    from tkpbench.train import TKPTask
 
-    model = TKPPCL(ModelConfig(encoder="vit_base_patch16_384", weights="")).to(device)
-    model.encoder.unfreeze(5)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    # the training's own model, optimiser and phase (epoch 3 on: last 5 blocks + final norm trainable)
+    cfg = Config(model=ModelConfig(encoder="vit_base_patch16_384", weights=""))
+    task = TKPTask(cfg)
+    model = task.build_model().to(device)
+    opt = task.optimizer(model)
+    task.set_phase(model, cfg.train.warmup_epochs)
     x = torch.randn(batch, 3, 384, 384, device=device)
     tags = torch.zeros(batch, 21, dtype=torch.bool, device=device)
     tags[:, [0, 3, 15]] = True

@@ -304,6 +304,12 @@ def fit(task: Task, cfg_dict: dict[str, Any], run_dir: Path, dist: D.DistInfo, r
     return unwrap(model)
 
 
+def fused_optimizer(params) -> bool | None:
+    """``fused=`` for Adam/SGD: True on CUDA, where one fused kernel replaces the default's chain of
+    multi-tensor (foreach) kernels; None (torch's default choice) elsewhere."""
+    return True if all(p.is_cuda for p in params) else None
+
+
 def add_fit_args(p) -> None:
     """The command-line options every training entry point shares."""
     import argparse

@@ -29,7 +29,7 @@ from tkpbench import distributed as D
 from tkpbench.config import Config
 from tkpbench.data.transforms import EvalSet, PseudoMaskSet, build_dataset, eval_transform, seg_train_transform
 from tkpbench.deeplab import DeepLabV2
-from tkpbench.engine import Task, TrainingError, add_fit_args, fit_from_args, load_final, unwrap
+from tkpbench.engine import Task, TrainingError, add_fit_args, fit_from_args, fused_optimizer, load_final, unwrap
 from tkpbench.metrics import ConfusionMatrix
 from tkpbench.records import StageRecord, per_class_dict, stamp, write_stage
 
@@ -83,7 +83,8 @@ class SegTask(Task):
         groups = unwrap(model).param_groups(s.lr, s.head_lr_mult)
         for g in groups:
             g["params"] = [p for p in g["params"] if p.requires_grad]
-        return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay,
+                               fused=fused_optimizer([p for g in groups for p in g["params"]]))
 
     def total_steps(self, batches_per_epoch: int) -> int:
         return self.cfg.seg.iters

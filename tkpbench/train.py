@@ -27,7 +27,7 @@ from tkpbench import distributed as D
 from tkpbench.config import Config, load_config
 from tkpbench.data.transforms import EvalSet, TKPTrainSet, build_dataset, eval_transform, tkp_train_transform
 from tkpbench.encoder import encoder_mean_std
-from tkpbench.engine import Task, TrainingError, add_fit_args, fit_from_args, unwrap
+from tkpbench.engine import Task, TrainingError, add_fit_args, fit_from_args, fused_optimizer, unwrap
 from tkpbench.metrics import ConfusionMatrix
 from tkpbench.model import TKPPCL, merge_with_tags, tkp_loss
 
@@ -70,8 +70,9 @@ class TKPTask(Task):
         k = min(self.cfg.train.unfreeze_blocks, n)
         enc = [p for b in list(m.encoder.vit.blocks)[n - k:] for p in b.parameters()] + list(m.encoder.vit.norm.parameters())
         # one Adam over everything that ever trains; frozen parameters get no gradient and are skipped
-        return torch.optim.Adam(m.trainable_head_parameters() + enc, lr=self.cfg.train.lr_warmup,
-                                weight_decay=self.cfg.train.weight_decay)
+        params = m.trainable_head_parameters() + enc
+        return torch.optim.Adam(params, lr=self.cfg.train.lr_warmup, weight_decay=self.cfg.train.weight_decay,
+                                fused=fused_optimizer(params))
 
     def total_steps(self, batches_per_epoch: int) -> int:
         total = self.cfg.train.epochs * batches_per_epoch
