@@ -1,20 +1,10 @@
 import numpy as np
 import pytest
-from scipy.ndimage import gaussian_filter, shift
 
 from tkpbench.crf import dense_crf
 from tkpbench.data import VOCSegmentation
+from tkpbench.data.synth import blurred_probs
 from tkpbench.metrics import ConfusionMatrix
-
-
-def _blurred_probs(mask: np.ndarray, num_classes: int, sigma: float, offset: int, seed: int = 0) -> np.ndarray:
-    """A probability map whose boundaries are blurred and shifted off the true ones."""
-    m = np.where(mask == 255, 0, mask)
-    onehot = np.stack([(m == c).astype(np.float32) for c in range(num_classes)])
-    onehot = shift(onehot, (0, offset, offset), order=0, mode="nearest")
-    p = np.stack([gaussian_filter(o, sigma) for o in onehot]) + 1e-3
-    p += np.random.default_rng(seed).uniform(0, 0.05, p.shape).astype(np.float32)
-    return (p / p.sum(0, keepdims=True)).astype(np.float32)
 
 
 def test_dense_crf_equals_a_direct_pydensecrf_call():
@@ -41,7 +31,7 @@ def test_the_crf_really_helps_on_blurred_shifted_boundaries():
     mask[(yy > 20) & (yy < 60) & (xx > 65) & (xx < 90)] = 2
     palette = np.array([[40, 40, 40], [220, 30, 30], [30, 30, 220]], np.uint8)
     img = np.clip(palette[mask] + np.random.default_rng(1).normal(0, 5, (h, w, 3)), 0, 255).astype(np.uint8)
-    probs = _blurred_probs(mask, 3, sigma=4, offset=4)
+    probs = blurred_probs(mask, 3, sigma=4, offset=4)
     before, after = ConfusionMatrix(3), ConfusionMatrix(3)
     before.update(probs.argmax(0), mask)
     after.update(dense_crf(img, probs).argmax(0), mask)
@@ -53,7 +43,7 @@ def test_the_crf_helps_on_real_voc_samples(shared_data):
     before, after = ConfusionMatrix(21), ConfusionMatrix(21)
     for i in range(3):
         img, mask = ds.image(i), ds.mask(i)
-        probs = _blurred_probs(mask, 21, sigma=6, offset=5, seed=i)
+        probs = blurred_probs(mask, 21, sigma=6, offset=5, seed=i)
         keep = np.flatnonzero(ds.tags(i))
         sub = probs[keep] / probs[keep].sum(0, keepdims=True)
         before.update(keep[sub.argmax(0)], mask)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_crf import _blurred_probs
 from tkpbench.crf import dense_crf, dense_crf_batch
 from tkpbench.data import VOCSegmentation
+from tkpbench.data.synth import blurred_probs
 from tkpbench.metrics import ConfusionMatrix
 
 
@@ -31,7 +31,7 @@ def _real(shared_data, n=2, size=(200, 150)):
         img = np.array(Image.fromarray(ds.image(i)).resize(size, Image.BILINEAR))
         mask = np.array(Image.fromarray(ds.mask(i)).resize(size, Image.NEAREST))
         keep = np.flatnonzero(ds.tags(i))
-        p = _blurred_probs(mask, 21, sigma=4, offset=3, seed=i)[keep]
+        p = blurred_probs(mask, 21, sigma=4, offset=3, seed=i)[keep]
         out.append((img, mask, keep, p / p.sum(0, keepdims=True)))
     return out
 

@@ -13,6 +13,8 @@
   photograph (``--crf-image``; default a VOC sample of ../shared/data, else a generated image).
 * metrics: confusion matrix over VOC-val-sized data (1,449 masks of 500x375).
 * deeplab: training images/s at crop 321, batch 10 (ResNet-101), bf16 + channels_last vs fp32 on CUDA.
+* crf_agreement (not in the default list; accuracy, not speed): the torch CRF backend against
+  pydensecrf on every full-size VOC val image under ``--voc-root`` (default: ../shared/data's sample).
 """
 
 from __future__ import annotations
@@ -225,6 +227,41 @@ def _crf_job(args):
     return dense_crf(img, probs).shape
 
 
+def bench_crf_agreement(device: torch.device, out: dict, voc_root: Path | None) -> None:
+    """The torch backend against pydensecrf on every VOC val image under ``voc_root``, full size,
+    with probabilities from a blurred, shifted, noisy copy of the ground truth restricted to the
+    image's classes (the CRF stage's own input form). Accuracy, not speed."""
+    from tkpbench.crf import dense_crf
+    from tkpbench.data import VOCSegmentation
+    from tkpbench.data.synth import blurred_probs
+    from tkpbench.metrics import ConfusionMatrix
+
+    if voc_root is None:
+        out["crf_agreement"] = "skipped: no VOC root (--voc-root)"
+        return
+    ds = VOCSegmentation(voc_root, "val")
+    cms = {"pydensecrf": ConfusionMatrix(ds.num_classes), "torch": ConfusionMatrix(ds.num_classes)}
+    agree, max_abs, mean_abs, over = [], 0.0, [], []
+    for i in range(len(ds)):
+        img, mask, keep = ds.image(i), ds.mask(i), np.flatnonzero(ds.tags(i))
+        p = blurred_probs(mask, ds.num_classes, sigma=4, offset=3, seed=i)[keep]
+        p /= p.sum(0, keepdims=True)
+        ref, ours = dense_crf(img, p), dense_crf(img, p, backend="torch", device=str(device))
+        diff = np.abs(ref - ours)
+        agree.append(float((ref.argmax(0) == ours.argmax(0)).mean()))
+        max_abs, mean_abs = max(max_abs, float(diff.max())), mean_abs + [float(diff.mean())]
+        over.append(int((diff.max(0) > 1e-3).sum()))
+        cms["pydensecrf"].update(keep[ref.argmax(0)], mask)
+        cms["torch"].update(keep[ours.argmax(0)], mask)
+    out["crf_agreement"] = {
+        "images": len(ds), "root": str(voc_root), "torch_device": device.type,
+        "argmax_agreement_min": round(min(agree), 6), "argmax_agreement_mean": round(float(np.mean(agree)), 6),
+        "max_abs_prob_diff": max_abs, "mean_abs_prob_diff": float(np.mean(mean_abs)),
+        "pixels_over_1e-3_worst_image": max(over), "pixels_over_1e-3_total": sum(over),
+        "miou_pydensecrf": round(100 * cms["pydensecrf"].miou(), 4), "miou_torch": round(100 * cms["torch"].miou(), 4),
+    }
+
+
 def bench_metrics(out: dict) -> None:
     from tkpbench.metrics import ConfusionMatrix
 
@@ -267,7 +304,8 @@ def bench_deeplab(device: torch.device, out: dict) -> None:
     out["deeplab_resnet101_crop321"] = res
 
 
-_SAMPLE_PHOTO = Path(__file__).resolve().parents[2] / "shared/data/voc2012-sample/VOC2012/JPEGImages/2007_000063.jpg"
+_SAMPLE_VOC = Path(__file__).resolve().parents[2] / "shared/data/voc2012-sample/VOC2012"
+_SAMPLE_PHOTO = _SAMPLE_VOC / "JPEGImages/2007_000063.jpg"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--crf-image", type=Path, default=_SAMPLE_PHOTO if _SAMPLE_PHOTO.is_file() else None,
                    help="a photograph for the CRF benchmark (default: a VOC image of ../shared/data when present)")
+    p.add_argument("--voc-root", type=Path, default=_SAMPLE_VOC if _SAMPLE_VOC.is_dir() else None,
+                   help="crf_agreement: a VOC2012 folder whose val images to use (default: ../shared/data's sample)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     from tkpbench.records import device_name, git_commit
@@ -292,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
              ("crf", lambda: bench_crf(device, out, args.crf_image)), ("data", lambda: bench_data(out, Path(tempfile.mkdtemp()))),
              ("model", lambda: bench_model(device, args.batch, out)),
              ("pseudo", lambda: bench_pseudo(device, out)),
-             ("deeplab", lambda: bench_deeplab(device, out))]
+             ("deeplab", lambda: bench_deeplab(device, out)),
+             ("crf_agreement", lambda: bench_crf_agreement(device, out, args.voc_root))]
     for name, fn in steps:
         if name in only or (name == "pce" and "pooling" in only):
             t = time.perf_counter()

@@ -87,6 +87,19 @@ def render(rng: np.random.Generator, h: int, w: int, num_classes: int, max_objec
     return np.clip(img, 0, 255).astype(np.uint8), mask, instances
 
 
+def blurred_probs(mask: np.ndarray, num_classes: int, sigma: float, offset: int, seed: int = 0) -> np.ndarray:
+    """A probability map (float32 (C, H, W)) whose boundaries are blurred and shifted off the true
+    ones of ``mask`` (uint8 (H, W), 255 = ignore), plus a little noise: CRF inputs with a known answer."""
+    from scipy.ndimage import gaussian_filter, shift
+
+    m = np.where(mask == IGNORE, 0, mask)
+    onehot = np.stack([(m == c).astype(np.float32) for c in range(num_classes)])
+    onehot = shift(onehot, (0, offset, offset), order=0, mode="nearest")
+    p = np.stack([gaussian_filter(o, sigma) for o in onehot]) + 1e-3
+    p += np.random.default_rng(seed).uniform(0, 0.05, p.shape).astype(np.float32)
+    return (p / p.sum(0, keepdims=True)).astype(np.float32)
+
+
 def _jpeg(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="JPEG", quality=95)
