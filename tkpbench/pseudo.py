@@ -18,6 +18,7 @@ import argparse
 import io
 import sys
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -115,13 +116,12 @@ def generate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
     loader = DataLoader(ds, batch_size=cfg.pseudo.batch_size, num_workers=min(cfg.data.workers, 8),
                         pin_memory=dist.device.type == "cuda")
     writer = ThreadPoolExecutor(4)
-    pending = []
+    pending: deque = deque()
 
-    def write(image_id: str, probs: np.ndarray, tags: np.ndarray) -> None:
-        save_mask(out / "masks" / f"{image_id}.png", probs.argmax(0).astype(np.uint8))
-        if cfg.pseudo.save_probs:
-            classes = np.flatnonzero(tags)
-            save_probs(out / "probs" / f"{image_id}.npz", probs[classes], classes)
+    def write(image_id: str, mask: np.ndarray, probs: np.ndarray | None, classes: np.ndarray) -> None:
+        save_mask(out / "masks" / f"{image_id}.png", mask)
+        if probs is not None:
+            save_probs(out / "probs" / f"{image_id}.npz", probs, classes)
 
     from tkpbench.progress import track
 
@@ -134,7 +134,13 @@ def generate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
         for b in range(x.shape[0]):  # each image goes back to its own size
             h, w = hw[b].tolist()
             _, probs = patch_masks(o.z[b:b + 1], o.grid, tags[b:b + 1], (h, w), return_probs=True)
-            pending.append(writer.submit(write, base.ids[int(idx[b])], probs[0].cpu().numpy(), tags[b].cpu().numpy()))
+            classes = tags[b].nonzero().flatten()
+            # only the tagged classes leave the device (the others are 0), as the float16 that is stored
+            kept = probs[0, classes].half().cpu().numpy() if cfg.pseudo.save_probs else None
+            mask = probs[0].argmax(0).to(torch.uint8).cpu().numpy()
+            pending.append(writer.submit(write, base.ids[int(idx[b])], mask, kept, classes.cpu().numpy()))
+            while len(pending) > 32:  # back-pressure: at most 32 images wait for the disk
+                pending.popleft().result()
     for f in pending:
         f.result()
     writer.shutdown()
