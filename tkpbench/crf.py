@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections import deque
 import sys
 import time
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
