@@ -6,7 +6,8 @@ import pytest
 from helpers import tiny_config
 from tkpbench.config import save_config
 from tkpbench.pipeline import PipelineError, check_data, main, run_chain
-from tkpbench.records import load_summary
+from tkpbench.io import atomic_write_json
+from tkpbench.records import load_summary, model_digest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,6 +54,20 @@ def test_whole_chain_runs_then_a_rerun_skips_every_stage(synth_root, tmp_path, m
     run_chain(tmp_path / "tiny.toml", [], tmp_path / "runs", tmp_path / "results", 1, log=logs.append)
     assert not any(line.startswith("$ ") for line in logs), logs
     assert sum(line.startswith("[skip]") for line in logs) == 8
+    # records of another model (results committed from elsewhere, or a retrained run) are measured again
+    run = tmp_path / "runs" / "tiny"
+    assert summary["stages"]["mask"]["model_sha256"] == model_digest(run / "final.pt")
+    assert summary["stages"]["seg"]["model_sha256"] == model_digest(run / "seg" / "final.pt")
+    for stage in summary["stages"].values():
+        stage["model_sha256"] = "0" * 16
+    atomic_write_json(tmp_path / "results" / "tiny" / "summary.json", summary)
+    logs.clear()
+    run_chain(tmp_path / "tiny.toml", [], tmp_path / "runs", tmp_path / "results", 1, log=logs.append)
+    assert not any(line.startswith("[skip] mask mIoU") for line in logs), logs
+    assert any(line.startswith("$ ") and "tkpbench.segment eval" in line for line in logs), logs
+    redone = load_summary(tmp_path / "results" / "tiny" / "summary.json")["stages"]
+    assert redone["mask"]["model_sha256"] == model_digest(run / "final.pt")
+    assert redone["seg"]["model_sha256"] == model_digest(run / "seg" / "final.pt")
 
 
 @pytest.mark.slow

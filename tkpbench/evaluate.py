@@ -90,7 +90,7 @@ def score_pseudo_masks(run_dir: Path, cfg, results: Path = Path("results")) -> d
     from dataclasses import asdict
 
     from tkpbench.data.transforms import build_dataset
-    from tkpbench.records import StageRecord, per_class_dict, stamp, write_stage
+    from tkpbench.records import StageRecord, model_digest, per_class_dict, stamp, write_stage
 
     t0 = time.perf_counter()
     ds = build_dataset(cfg.data, cfg.data.mask_split)
@@ -106,7 +106,7 @@ def score_pseudo_masks(run_dir: Path, cfg, results: Path = Path("results")) -> d
                   "crf": asdict(cfg.crf), "tags": cfg.data.tags, "encoder": cfg.model.encoder,
                   "encoder_weights": cfg.model.weights or "random", "pooling": cfg.model.pooling, "k": cfg.model.k,
                   "pce": cfg.model.pce, "eps": cfg.model.eps, "alpha": cfg.model.alpha},
-        synthetic=cfg.synthetic,
+        synthetic=cfg.synthetic, model_sha256=model_digest(Path(run_dir) / "final.pt"),
     )
     write_stage(results, Path(run_dir).name, stamp(rec, time.perf_counter() - t0), cfg.to_dict())
     return {"miou": cm.miou(), "miou_crf": cm_crf.miou(), "miou_all_background": cm.all_background_miou()}

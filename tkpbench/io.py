@@ -1,10 +1,11 @@
-"""Atomic file writes: a temporary file in the same folder, fsync, then rename.
+"""Atomic file writes (a temporary file in the same folder, fsync, then rename) and file digests.
 
 A killed job never leaves a half-written file under the final name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -54,3 +55,12 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     import torch
 
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def file_digest(path: Path, algo: str = "sha256") -> str:
+    """Hex digest of a file's bytes (``algo``: any hashlib name), read in 1 MiB chunks."""
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -8,7 +8,7 @@
 
 Stages: check data -> train -> pseudo masks -> CRF -> mask mIoU (Table 1) -> DeepLab train ->
 DeepLab eval (Tables 2/3) -> report. A finished stage is recognised by its output (final.pt,
-a DONE marker, a record in results/<run>/summary.json) and skipped, so re-running the same
+a DONE marker, a record in results/<run>/summary.json of the same weights file) and skipped, so re-running the same
 command after a crash costs only the unfinished stage. Missing data stops before any training.
 Training, pseudo masks and DeepLab run under torchrun over all visible GPUs (one process on CPU).
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tkpbench.config import Config, load_config
 from tkpbench.io import atomic_write_json
-from tkpbench.records import load_summary
+from tkpbench.records import load_summary, model_digest
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = REPO / "baselines"
@@ -49,12 +49,15 @@ def _run(cmd: list[str], log) -> None:
         raise PipelineError(f"stage failed (exit {r.returncode}): {' '.join(cmd)}\nRe-run the same command to continue from here.")
 
 
-def has_stage(results: Path, run: str, stage: str) -> bool:
+def has_stage(results: Path, run: str, stage: str, weights: Path) -> bool:
+    """Whether ``results/<run>/summary.json`` holds ``stage`` measured on exactly ``weights`` (the
+    file's digest matches): a record of another model (retrained, or committed from elsewhere) is redone."""
     path = results / run / "summary.json"
     try:
-        return stage in load_summary(path)["stages"]
+        rec = load_summary(path)["stages"].get(stage)
     except (ValueError, FileNotFoundError):
         return False
+    return rec is not None and weights.is_file() and rec.get("model_sha256") == model_digest(weights)
 
 
 def check_data(cfg: Config, log) -> None:
@@ -103,20 +106,20 @@ def run_chain(cfg_path: Path, overrides: list[str], runs: Path, results: Path, n
             atomic_write_json(marker, {"split": split, "time": time.time()})
         else:
             log(f"[skip] CRF {split}")
-    if not has_stage(results, name, "mask"):
+    if not has_stage(results, name, "mask", run_dir / "final.pt"):
         from tkpbench.evaluate import score_pseudo_masks
         from tkpbench.pseudo import run_config
 
         r = score_pseudo_masks(run_dir, run_config(run_dir), results)
         log(f"pseudo masks on {cfg.data.mask_split}: mIoU {100 * r['miou']:.2f} (before CRF), {100 * r['miou_crf']:.2f} (after CRF)")
     else:
-        log(f"[skip] mask mIoU: recorded in {results / name / 'summary.json'}")
+        log(f"[skip] mask mIoU: recorded for this final.pt in {results / name / 'summary.json'}")
     if seg:
         if not (run_dir / "seg" / "final.pt").is_file():
             _run(_launcher(nproc) + ["tkpbench.segment", "train", "--run", str(run_dir), *common], log)
         else:
             log("[skip] DeepLab train")
-        if not has_stage(results, name, "seg"):
+        if not has_stage(results, name, "seg", run_dir / "seg" / "final.pt"):
             _run(_launcher(nproc) + ["tkpbench.segment", "eval", "--run", str(run_dir), "--results", str(results), *common], log)
         else:
             log("[skip] DeepLab eval")

@@ -39,6 +39,9 @@ class StageRecord:
     date: str = ""
     wall_time_s: float = 0.0
     command: str = ""
+    # sha256 (16 hex) of the weights measured: runs/<run>/final.pt ("mask") or runs/<run>/seg/final.pt
+    # ("seg"). The pipeline reuses a record only for the model it measured, never for a retrained one.
+    model_sha256: str = ""
 
 
 def git_commit() -> str:
@@ -90,6 +93,13 @@ def load_summary(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("schema") != SCHEMA_VERSION or "stages" not in data:
         raise ValueError(f"{path}: expected a tkpbench summary with schema {SCHEMA_VERSION} and 'stages'")
     return data
+
+
+def model_digest(weights: Path) -> str:
+    """The ``model_sha256`` of a weights file."""
+    from tkpbench.io import file_digest
+
+    return file_digest(weights)[:16]
 
 
 def per_class_dict(classes, iou) -> dict[str, float]:

@@ -31,7 +31,7 @@ from tkpbench.data.transforms import EvalSet, PseudoMaskSet, build_dataset, eval
 from tkpbench.deeplab import DeepLabV2
 from tkpbench.engine import Task, TrainingError, add_fit_args, fit_from_args, fused_optimizer, load_final, unwrap
 from tkpbench.metrics import ConfusionMatrix
-from tkpbench.records import StageRecord, per_class_dict, stamp, write_stage
+from tkpbench.records import StageRecord, model_digest, per_class_dict, stamp, write_stage
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -173,7 +173,7 @@ def evaluate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
                       "iters": cfg.seg.iters, "batch": cfg.seg.batch_size, "crop": cfg.seg.crop,
                       "eval_scales": list(cfg.seg.eval_scales), "eval_flip": cfg.seg.eval_flip,
                       "eval_crf": cfg.seg.eval_crf, "resolution": "full"},
-            synthetic=cfg.synthetic,
+            synthetic=cfg.synthetic, model_sha256=model_digest(Path(run_dir) / "seg" / "final.pt"),
         )
         write_stage(results, Path(run_dir).name, stamp(rec, time.perf_counter() - t0), cfg.to_dict())
     return out

@@ -7,7 +7,6 @@ archives' MD5s, the sha256 prefixes in the weight file names).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -16,6 +15,8 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from tkpbench.io import file_digest
 
 
 class DownloadError(RuntimeError):
@@ -54,11 +55,7 @@ RESOURCES: dict[str, list[Resource]] = {
 
 def verify(path: Path, checksum: str) -> bool:
     kind, _, expected = checksum.partition(":")
-    h = hashlib.md5() if kind == "md5" else hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = file_digest(path, "md5" if kind == "md5" else "sha256")
     return digest == expected if kind == "md5" else digest.startswith(expected)
 
 
