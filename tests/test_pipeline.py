@@ -1,3 +1,4 @@
+import json
 import subprocess
 from pathlib import Path
 
@@ -68,6 +69,14 @@ def test_whole_chain_runs_then_a_rerun_skips_every_stage(synth_root, tmp_path, m
     redone = load_summary(tmp_path / "results" / "tiny" / "summary.json")["stages"]
     assert redone["mask"]["model_sha256"] == model_digest(run / "final.pt")
     assert redone["seg"]["model_sha256"] == model_digest(run / "seg" / "final.pt")
+    # a finished run is not reused for another config: the differing keys and the fix are shown
+    with pytest.raises(PipelineError, match=r"(?s)another config.*model\.k: 2 -> 3.*--set name="):
+        run_chain(tmp_path / "tiny.toml", ["model.k=3"], tmp_path / "runs", tmp_path / "results", 1, log=logs.append)
+    # pseudo masks made from another final.pt stop the chain instead of mixing two models
+    marker = run / "pseudo" / "DONE_pseudo_train_aug.json"
+    atomic_write_json(marker, {**json.loads(marker.read_text()), "model_sha256": "0" * 16})
+    with pytest.raises(PipelineError, match=r"(?s)another .*final\.pt.*stale.*remove .*pseudo"):
+        run_chain(tmp_path / "tiny.toml", [], tmp_path / "runs", tmp_path / "results", 1, log=logs.append)
 
 
 @pytest.mark.slow

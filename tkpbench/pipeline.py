@@ -7,22 +7,26 @@
     python -m tkpbench.pipeline demo       # everything on generated data, small models, CPU
 
 Stages: check data -> train -> pseudo masks -> CRF -> mask mIoU (Table 1) -> DeepLab train ->
-DeepLab eval (Tables 2/3) -> report. A finished stage is recognised by its output (final.pt,
-a DONE marker, a record in results/<run>/summary.json of the same weights file) and skipped, so re-running the same
-command after a crash costs only the unfinished stage. Missing data stops before any training.
+DeepLab eval (Tables 2/3) -> report. A finished stage is recognised by its output (final.pt, a
+DONE marker, a record in results/<run>/summary.json) and skipped, so re-running the same command
+after a crash costs only the unfinished stage. Markers and records carry the sha256 of the
+final.pt they came from: a record of another model is measured again; a finished run trained with
+another config, or a marker of another model, stops the chain with the fix. Missing data stops
+before any training.
 Training, pseudo masks and DeepLab run under torchrun over all visible GPUs (one process on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tkpbench.config import Config, load_config
+from tkpbench.config import Config, diff_configs, load_config
 from tkpbench.io import atomic_write_json
 from tkpbench.records import load_summary, model_digest
 
@@ -60,6 +64,37 @@ def has_stage(results: Path, run: str, stage: str, weights: Path) -> bool:
     return rec is not None and weights.is_file() and rec.get("model_sha256") == model_digest(weights)
 
 
+def check_same_config(cfg: Config, run_dir: Path) -> None:
+    """A finished run is reused only for the config it was trained with (the keys a resume must
+    match); otherwise stop and show the differing keys."""
+    from tkpbench.train import TKPTask
+
+    trained = run_dir / "config.toml"
+    if not trained.is_file():
+        return
+    task = TKPTask(cfg)
+    diff = diff_configs(task.resume_view(load_config(trained).to_dict()), task.resume_view(cfg.to_dict()))
+    if diff:
+        raise PipelineError(
+            f"{run_dir}/final.pt was trained with another config (trained -> requested):\n  " + "\n  ".join(diff)
+            + f"\nFix: give this config its own run (--set name=...), or remove {run_dir} to train it again")
+
+
+def stage_done(marker: Path, model: str) -> bool:
+    """Whether a stage's DONE marker exists for the model ``model`` (a ``model_digest``). A marker made
+    from another final.pt stops the chain: what follows it would mix two models."""
+    if not marker.is_file():
+        return False
+    made_from = json.loads(marker.read_text()).get("model_sha256")
+    if made_from not in (None, model):  # None: written before markers carried digests
+        run_dir = marker.parents[1]
+        raise PipelineError(
+            f"{marker} was made from another {run_dir}/final.pt (sha256 {made_from}, now {model}): its pseudo "
+            f"masks, CRF masks and DeepLab model are stale. Fix: remove {run_dir}/pseudo and {run_dir}/seg, "
+            "then run the same command again")
+    return True
+
+
 def check_data(cfg: Config, log) -> None:
     from tkpbench.data.check import check_dataset
 
@@ -91,19 +126,21 @@ def run_chain(cfg_path: Path, overrides: list[str], runs: Path, results: Path, n
     if not (run_dir / "final.pt").is_file():
         _run(_launcher(nproc) + ["tkpbench.train", "--config", str(cfg_path), *sets, "--runs", str(runs), *common], log)
     else:
+        check_same_config(cfg, run_dir)
         log(f"[skip] train: {run_dir}/final.pt exists")
+    model = model_digest(run_dir / "final.pt")
     splits = list(dict.fromkeys([cfg.data.seg_train_split if seg else cfg.data.mask_split, cfg.data.mask_split]))
     for split in splits:
         marker = run_dir / "pseudo" / f"DONE_pseudo_{split}.json"
-        if not marker.is_file():
+        if not stage_done(marker, model):
             _run(_launcher(nproc) + ["tkpbench.pseudo", "--run", str(run_dir), "--split", split, *common], log)
-            atomic_write_json(marker, {"split": split, "time": time.time()})
+            atomic_write_json(marker, {"split": split, "time": time.time(), "model_sha256": model})
         else:
             log(f"[skip] pseudo masks {split}")
         marker = run_dir / "pseudo" / f"DONE_crf_{split}.json"
-        if not marker.is_file():
+        if not stage_done(marker, model):
             _run([sys.executable, "-m", "tkpbench.crf", "--run", str(run_dir), "--split", split, *common], log)
-            atomic_write_json(marker, {"split": split, "time": time.time()})
+            atomic_write_json(marker, {"split": split, "time": time.time(), "model_sha256": model})
         else:
             log(f"[skip] CRF {split}")
     if not has_stage(results, name, "mask", run_dir / "final.pt"):
@@ -115,8 +152,11 @@ def run_chain(cfg_path: Path, overrides: list[str], runs: Path, results: Path, n
     else:
         log(f"[skip] mask mIoU: recorded for this final.pt in {results / name / 'summary.json'}")
     if seg:
-        if not (run_dir / "seg" / "final.pt").is_file():
+        marker = run_dir / "seg" / "DONE_seg_train.json"  # model: the TKP-PCL run whose pseudo masks it learned
+        trained = (run_dir / "seg" / "final.pt").is_file()
+        if not (trained and (stage_done(marker, model) or not marker.is_file())):  # no marker: from before markers
             _run(_launcher(nproc) + ["tkpbench.segment", "train", "--run", str(run_dir), *common], log)
+            atomic_write_json(marker, {"time": time.time(), "model_sha256": model})
         else:
             log("[skip] DeepLab train")
         if not has_stage(results, name, "seg", run_dir / "seg" / "final.pt"):
