@@ -53,15 +53,15 @@ def _run(cmd: list[str], log) -> None:
         raise PipelineError(f"stage failed (exit {r.returncode}): {' '.join(cmd)}\nRe-run the same command to continue from here.")
 
 
-def has_stage(results: Path, run: str, stage: str, weights: Path) -> bool:
-    """Whether ``results/<run>/summary.json`` holds ``stage`` measured on exactly ``weights`` (the
-    file's digest matches): a record of another model (retrained, or committed from elsewhere) is redone."""
+def has_stage(results: Path, run: str, stage: str, model: str) -> bool:
+    """Whether ``results/<run>/summary.json`` holds ``stage`` measured on the model whose
+    ``model_digest`` is ``model``: a record of another model (retrained, or committed from elsewhere) is redone."""
     path = results / run / "summary.json"
     try:
         rec = load_summary(path)["stages"].get(stage)
     except (ValueError, FileNotFoundError):
         return False
-    return rec is not None and weights.is_file() and rec.get("model_sha256") == model_digest(weights)
+    return rec is not None and rec.get("model_sha256") == model
 
 
 def check_same_config(cfg: Config, run_dir: Path) -> None:
@@ -143,7 +143,7 @@ def run_chain(cfg_path: Path, overrides: list[str], runs: Path, results: Path, n
             atomic_write_json(marker, {"split": split, "time": time.time(), "model_sha256": model})
         else:
             log(f"[skip] CRF {split}")
-    if not has_stage(results, name, "mask", run_dir / "final.pt"):
+    if not has_stage(results, name, "mask", model):
         from tkpbench.evaluate import score_pseudo_masks
         from tkpbench.pseudo import run_config
 
@@ -152,14 +152,15 @@ def run_chain(cfg_path: Path, overrides: list[str], runs: Path, results: Path, n
     else:
         log(f"[skip] mask mIoU: recorded for this final.pt in {results / name / 'summary.json'}")
     if seg:
+        seg_final = run_dir / "seg" / "final.pt"
         marker = run_dir / "seg" / "DONE_seg_train.json"  # model: the TKP-PCL run whose pseudo masks it learned
-        trained = (run_dir / "seg" / "final.pt").is_file()
-        if not (trained and (stage_done(marker, model) or not marker.is_file())):  # no marker: from before markers
+        # a final.pt without a marker was trained before markers existed: kept
+        if seg_final.is_file() and (not marker.is_file() or stage_done(marker, model)):
+            log("[skip] DeepLab train")
+        else:
             _run(_launcher(nproc) + ["tkpbench.segment", "train", "--run", str(run_dir), *common], log)
             atomic_write_json(marker, {"time": time.time(), "model_sha256": model})
-        else:
-            log("[skip] DeepLab train")
-        if not has_stage(results, name, "seg", run_dir / "seg" / "final.pt"):
+        if not has_stage(results, name, "seg", model_digest(seg_final)):
             _run(_launcher(nproc) + ["tkpbench.segment", "eval", "--run", str(run_dir), "--results", str(results), *common], log)
         else:
             log("[skip] DeepLab eval")
