@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tkpbench.io import atomic_write_json
+from tkpbench.io import atomic_write_json, file_digest
 
 SCHEMA_VERSION = 1
 
@@ -97,8 +97,6 @@ def load_summary(path: Path) -> dict[str, Any]:
 
 def model_digest(weights: Path) -> str:
     """The ``model_sha256`` of a weights file."""
-    from tkpbench.io import file_digest
-
     return file_digest(weights)[:16]
 
 
