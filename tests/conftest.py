@@ -14,6 +14,26 @@ if not SHARED_DATA.is_dir():
     SHARED_DATA = Path(os.environ.get("TKPBENCH_SHARED_DATA", "/nonexistent"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _caches_in_a_temporary_folder(tmp_path_factory):
+    """Tag and mask caches go to a temporary folder: no test writes into the data it reads."""
+    os.environ["TKPBENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_data_is_left_unchanged():
+    """The real samples are read-only material: a test run leaves them exactly as it found them."""
+    before = _snapshot(SHARED_DATA) if SHARED_DATA.is_dir() else None
+    yield
+    if before is not None:
+        after = _snapshot(SHARED_DATA)
+        assert after == before, f"tests changed {SHARED_DATA}: {sorted(set(after) ^ set(before))[:5]}"
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

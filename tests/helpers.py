@@ -21,3 +21,43 @@ def tiny_config(voc_root: Path, name: str = "tiny", **extra: str) -> Config:
         *[f"{k.replace('__', '.')}={v}" for k, v in extra.items()],
     ])
     return cfg
+
+
+class SimulatedKill(Exception):
+    """Raised by the test trainers below where a real job would have been killed."""
+
+
+def trainer(task, cfg, run_dir, *, stop_after: int = 0, nan_at: int = -1, kill_after_eval: int = 0, **kw):
+    """A ``Trainer`` with faults injected the way the engine allows (a subclass, never an option):
+    ``stop_after`` checkpoints then 'dies' after that many steps; ``nan_at`` makes that step's loss
+    NaN; ``kill_after_eval`` dies right after the evaluation (and checkpoint) of that epoch."""
+    from tkpbench import distributed as D
+    from tkpbench.engine import Trainer
+
+    class Faulty(Trainer):
+        def after_step(self) -> None:
+            if stop_after and self.state.step >= stop_after:
+                self.checkpoint()
+                raise SimulatedKill(f"killed after step {self.state.step}")
+
+        def losses(self, mb):
+            out = super().losses(mb)
+            if self.state.step == nan_at:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        def end_epoch(self) -> None:
+            super().end_epoch()
+            if kill_after_eval and self.state.epoch == kill_after_eval:
+                raise SimulatedKill(f"killed after the evaluation of epoch {self.state.epoch}")
+
+    dist = kw.pop("dist", D.DistInfo())
+    kw.setdefault("progress", False)
+    return Faulty(task, cfg.to_dict(), run_dir, dist, **kw)
+
+
+def run_until_killed(*args, **kw):
+    try:
+        return trainer(*args, **kw).fit()
+    except SimulatedKill:
+        return None

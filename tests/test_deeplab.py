@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_config
+from helpers import run_until_killed, tiny_config
 from tkpbench import distributed as D
 from tkpbench.data import VOCSegmentation, save_mask
 from tkpbench.deeplab import ASPP, DeepLabV2
@@ -80,10 +80,10 @@ def test_segmentation_resume_equals_an_uninterrupted_run(run_with_masks):
     other = run.parent / "copy"
     shutil.copytree(run, other)
     fit(SegTask(cfg, run), cfg.to_dict(), run / "seg", D.DistInfo(), progress=False)
-    fit(SegTask(cfg, other), cfg.to_dict(), other / "seg", D.DistInfo(), progress=False, stop_after=3)
+    run_until_killed(SegTask(cfg, other), cfg, other / "seg", stop_after=3)
     fit(SegTask(cfg, other), cfg.to_dict(), other / "seg", D.DistInfo(), progress=False)
-    a = torch.load(run / "seg" / "final.pt", weights_only=False)["model"]
-    b = torch.load(other / "seg" / "final.pt", weights_only=False)["model"]
+    a = torch.load(run / "seg" / "final.pt", weights_only=True)["model"]
+    b = torch.load(other / "seg" / "final.pt", weights_only=True)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 

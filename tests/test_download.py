@@ -113,3 +113,30 @@ def test_download_command_with_a_mirror(server, tmp_path, monkeypatch):
 
     assert main(["download", "voc", "--root", str(tmp_path), "--base-url", f"http://127.0.0.1:{server.server_port}"]) == 0
     assert (tmp_path / "VOCdevkit/VOC2012/JPEGImages/x.jpg").is_file()
+
+
+def test_a_cut_that_surfaces_as_incomplete_read_is_a_resumable_download_error(server, tmp_path, monkeypatch):
+    """http.client.IncompleteRead (a body shorter than its Content-Length) must not escape as a traceback."""
+    import http.client
+    import urllib.request
+
+    payload = _archive()
+    _Handler.payload, _Handler.cut_after, _Handler.requests = payload, None, []
+    url = f"http://127.0.0.1:{server.server_port}/b.tar"
+    md5 = "md5:" + hashlib.md5(payload).hexdigest()
+    real_urlopen = urllib.request.urlopen
+
+    def cut_urlopen(*a, **k):
+        resp = real_urlopen(*a, **k)
+        first = resp.read(10_000)
+        reads = iter([first])
+        resp.read = lambda n=-1: next(reads, None) or (_ for _ in ()).throw(http.client.IncompleteRead(b"", 5))
+        return resp
+
+    monkeypatch.setattr(urllib.request, "urlopen", cut_urlopen)
+    with pytest.raises(DownloadError, match="Run the same command again to resume"):
+        fetch(url, tmp_path / "b.tar", md5)
+    monkeypatch.setattr(urllib.request, "urlopen", real_urlopen)
+    fetch(url, tmp_path / "b.tar", md5)
+    assert (tmp_path / "b.tar").read_bytes() == payload
+    assert _Handler.requests[-1] == "bytes=10000-"

@@ -8,7 +8,8 @@ from helpers import tiny_config
 from tkpbench.config import save_config
 from tkpbench.pipeline import PipelineError, check_data, main, run_chain
 from tkpbench.io import atomic_write_json
-from tkpbench.records import load_summary, model_digest
+from tkpbench.records import load_summary
+from tkpbench.runs import model_digest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,7 @@ def test_whole_chain_runs_then_a_rerun_skips_every_stage(synth_root, tmp_path, m
     logs.clear()
     run_chain(tmp_path / "tiny.toml", [], tmp_path / "runs", tmp_path / "results", 1, log=logs.append)
     assert not any(line.startswith("$ ") for line in logs), logs
-    assert sum(line.startswith("[skip]") for line in logs) == 8
+    assert sum(line.startswith("[skip]") for line in logs) == 8, logs
     # records of another model (results committed from elsewhere, or a retrained run) are measured again
     run = tmp_path / "runs" / "tiny"
     assert summary["stages"]["mask"]["model_sha256"] == model_digest(run / "final.pt")
@@ -72,11 +73,23 @@ def test_whole_chain_runs_then_a_rerun_skips_every_stage(synth_root, tmp_path, m
     # a finished run is not reused for another config: the differing keys and the fix are shown
     with pytest.raises(PipelineError, match=r"(?s)another config.*model\.k: 2 -> 3.*--set name="):
         run_chain(tmp_path / "tiny.toml", ["model.k=3"], tmp_path / "runs", tmp_path / "results", 1, log=logs.append)
-    # pseudo masks made from another final.pt stop the chain instead of mixing two models
+    # pseudo masks made from another final.pt are made again (never mixed), and so is everything after them
     marker = run / "pseudo" / "DONE_pseudo_train_aug.json"
     atomic_write_json(marker, {**json.loads(marker.read_text()), "model_sha256": "0" * 16})
-    with pytest.raises(PipelineError, match=r"(?s)another .*final\.pt.*stale.*remove .*pseudo"):
-        run_chain(tmp_path / "tiny.toml", [], tmp_path / "runs", tmp_path / "results", 1, log=logs.append)
+    logs.clear()
+    run_chain(tmp_path / "tiny.toml", [], tmp_path / "runs", tmp_path / "results", 1, log=logs.append)
+    assert any(line.startswith("[redo] DONE_pseudo_train_aug.json") for line in logs), logs
+    assert any(line.startswith("$ ") and "tkpbench.pseudo" in line and "train_aug" in line for line in logs)
+    # a changed CRF setting redoes the CRF and every stage after it, and nothing before it
+    logs.clear()
+    run_chain(tmp_path / "tiny.toml", ["crf.iters=3"], tmp_path / "runs", tmp_path / "results", 1, log=logs.append)
+    ran = [line for line in logs if line.startswith("$ ")]
+    assert not any("tkpbench.train" in c or "tkpbench.pseudo" in c for c in ran), ran
+    for stage in ("tkpbench.crf", "tkpbench.evaluate", "tkpbench.segment train", "tkpbench.segment eval"):
+        assert any(stage in c for c in ran), (stage, ran)
+    assert any("crf.iters: 10 -> 3" in line for line in logs), logs
+    stages = load_summary(tmp_path / "results" / "tiny" / "summary.json")["stages"]
+    assert stages["mask"]["settings"]["crf.iters"] == 3 and stages["seg"]["settings"]["crf.iters"] == 3
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ from tkpbench.data import DatasetError, VOCSegmentation, save_mask
 from tkpbench.engine import fit
 from tkpbench.evaluate import evaluate_folder, score_pseudo_masks
 from tkpbench.model import merge_with_tags
-from tkpbench.pseudo import generate, load_probs
+from tkpbench.pseudo import generate
+from tkpbench.runs import load_probs
 from tkpbench.records import load_summary
 from tkpbench.train import TKPTask
 
@@ -97,7 +98,7 @@ def test_torch_crf_backend_on_a_folder_matches_pydensecrf(trained_run, tmp_path)
 def test_torch_crf_with_loader_workers_equals_in_process_loading_and_names_a_damaged_file(trained_run, tmp_path):
     """The device path's DataLoader workers and PNG writer thread change nothing but the timing."""
     import shutil
-    from dataclasses import asdict
+    from dataclasses import replace
 
     from tkpbench.crf import _refine_on_device
     from tkpbench.data.transforms import build_dataset
@@ -105,7 +106,7 @@ def test_torch_crf_with_loader_workers_equals_in_process_loading_and_names_a_dam
     run, cfg = trained_run
     generate(run, "train", D.DistInfo(), progress=False)
     ds = build_dataset(cfg.data, "train")
-    crf_cfg = {**asdict(cfg.crf), "backend": "torch", "device": "cpu"}
+    crf_cfg = replace(cfg.crf, backend="torch", device="cpu")
     outs = {}
     for loaders in (0, 2):
         pseudo = tmp_path / f"loaders{loaders}"

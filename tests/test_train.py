@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_config
+from helpers import run_until_killed, tiny_config, trainer
 from tkpbench import distributed as D
 from tkpbench.config import save_config
 from tkpbench.engine import TrainingError, fit, list_checkpoints, load_latest
@@ -19,14 +19,14 @@ CPU = D.DistInfo()
 
 
 def _final(run_dir):
-    return torch.load(run_dir / "final.pt", weights_only=False)["model"]
+    return torch.load(run_dir / "final.pt", weights_only=True)["model"]
 
 
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(synth_root, tmp_path):
     cfg = tiny_config(synth_root / "VOC2012")
     fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "a", CPU, progress=False)
     # "killed" mid-way through epoch 2, after the encoder was unfrozen, then the same command again
-    fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "b", CPU, progress=False, stop_after=6)
+    run_until_killed(TKPTask(cfg), cfg, tmp_path / "b", stop_after=6)
     assert not (tmp_path / "b" / "final.pt").exists()
     fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "b", CPU, progress=False)
     a, b = _final(tmp_path / "a"), _final(tmp_path / "b")
@@ -45,19 +45,19 @@ def test_resuming_with_a_different_config_is_refused_with_the_keys(synth_root, t
     from tkpbench.config import dumps, load_config
 
     cfg = tiny_config(synth_root / "VOC2012")
-    fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "r", CPU, progress=False, stop_after=2, config_text=dumps(cfg))
+    run_until_killed(TKPTask(cfg), cfg, tmp_path / "r", stop_after=2, config_text=dumps(cfg))
     other = tiny_config(synth_root / "VOC2012", model__k="3")
     with pytest.raises(TrainingError, match=r"model\.k: 2 -> 3"):
         fit(TKPTask(other), other.to_dict(), tmp_path / "r", CPU, progress=False, config_text=dumps(other))
     assert load_config(tmp_path / "r" / "config.toml").model.k == 2  # the refused run overwrote nothing
-    fit(TKPTask(other), other.to_dict(), tmp_path / "r", CPU, progress=False, force=True, stop_after=3)
+    run_until_killed(TKPTask(other), other, tmp_path / "r", force=True, stop_after=3)
     with pytest.raises(TrainingError, match="--resume auto"):
         fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "r", CPU, progress=False, resume=None)
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(synth_root, tmp_path):
     cfg = tiny_config(synth_root / "VOC2012", train__ckpt_every="1", train__keep_checkpoints="3")
-    fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "c", CPU, progress=False, stop_after=3)
+    run_until_killed(TKPTask(cfg), cfg, tmp_path / "c", stop_after=3)
     cks = list_checkpoints(tmp_path / "c" / "checkpoints")
     assert [p.name for p in cks][-1] == "step_00000003.pt"
     cks[-1].write_bytes(b"truncated")
@@ -69,9 +69,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(synth_root, tm
 def test_forced_nan_stops_with_a_diagnostic_checkpoint(synth_root, tmp_path):
     cfg = tiny_config(synth_root / "VOC2012")
     with pytest.raises(TrainingError, match=r"non-finite loss at step 2 .*loss=nan"):
-        fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "n", CPU, progress=False, nan_at=2)
+        trainer(TKPTask(cfg), cfg, tmp_path / "n", nan_at=2).fit()
     diag = tmp_path / "n" / "checkpoints" / "diagnostic_nan_step00000002.pt"
-    assert torch.load(diag, weights_only=False)["step"] == 2
+    assert torch.load(diag, weights_only=True)["step"] == 2
 
 
 def test_global_batch_that_does_not_divide_is_refused(synth_root, tmp_path):
@@ -83,8 +83,8 @@ def test_global_batch_that_does_not_divide_is_refused(synth_root, tmp_path):
 def test_accumulation_gives_the_same_step_as_one_big_batch(synth_root, tmp_path):
     a = tiny_config(synth_root / "VOC2012", train__epochs="1", model__dropout="0.0")
     b = tiny_config(synth_root / "VOC2012", train__epochs="1", model__dropout="0.0", train__micro_batch="2")
-    fit(TKPTask(a), a.to_dict(), tmp_path / "a", CPU, progress=False, stop_after=1)
-    fit(TKPTask(b), b.to_dict(), tmp_path / "b", CPU, progress=False, stop_after=1)
+    run_until_killed(TKPTask(a), a, tmp_path / "a", stop_after=1)
+    run_until_killed(TKPTask(b), b, tmp_path / "b", stop_after=1)
     wa = load_latest(tmp_path / "a" / "checkpoints")["model"]["classifier.weight"]
     wb = load_latest(tmp_path / "b" / "checkpoints")["model"]["classifier.weight"]
     torch.testing.assert_close(wa, wb, atol=1e-6, rtol=1e-5)
@@ -95,7 +95,7 @@ def _env():
     return env
 
 
-def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(synth_root, tmp_path):
+def test_sigterm_saves_a_loadable_checkpoint_and_exits_non_zero_with_how_to_resume(synth_root, tmp_path):
     cfg = tiny_config(synth_root / "VOC2012", train__epochs="200")
     save_config(cfg, tmp_path / "cfg.toml")
     proc = subprocess.Popen([sys.executable, "-m", "tkpbench.train", "--config", str(tmp_path / "cfg.toml"),
@@ -107,8 +107,9 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(synth_root, tmp_p
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    assert "received signal 15" in out
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "stopped by signal 15" in out and "run the same command again" in out.lower()
+    assert "Traceback" not in out
     ck = load_latest(tmp_path / "runs" / "tiny" / "checkpoints")
     assert ck is not None and ck["step"] >= 3
     assert not (tmp_path / "runs" / "tiny" / "final.pt").exists()

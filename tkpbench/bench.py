@@ -23,11 +23,30 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from tkpbench.config import Config, DataConfig, ModelConfig
+from tkpbench.crf import dense_crf
+from tkpbench.data import VOCSegmentation
+from tkpbench.data.synth import blurred_probs, make_synthetic, render
+from tkpbench.data.transforms import TKPTrainSet, tkp_train_transform
+from tkpbench.deeplab import DeepLabV2
+from tkpbench.distributed import autocast
+from tkpbench.io import atomic_write_json
+from tkpbench.metrics import ConfusionMatrix
+from tkpbench.model import TKPPCL, patch_masks, tkp_loss
+from tkpbench.pce import patch_contrastive_error
+from tkpbench.pooling import topk_pool
+from tkpbench.records import device_name, git_commit
+from tkpbench.train import TKPTask
 
 
 def _timeit(fn, warmup: int = 1, reps: int = 3, sync=None) -> float:
@@ -67,10 +86,6 @@ def train_flops(batch: int, tokens: int = 577, dim: int = 768, depth: int = 12, 
 
 
 def bench_model(device: torch.device, batch: int, out: dict) -> None:
-    from tkpbench.config import Config, ModelConfig
-    from tkpbench.distributed import autocast
-    from tkpbench.model import tkp_loss
-    from tkpbench.train import TKPTask
 
     # the training's own model, optimiser and phase (epoch 3 on: last 5 blocks + final norm trainable)
     cfg = Config(model=ModelConfig(encoder="vit_base_patch16_384", weights=""))
@@ -102,10 +117,6 @@ def bench_model(device: torch.device, batch: int, out: dict) -> None:
 @torch.no_grad()
 def bench_pseudo(device: torch.device, out: dict) -> None:
     """Pseudo-mask inference at 960: forward, tag merge, upsampling to 500x375, argmax."""
-    from tkpbench.config import ModelConfig
-    from tkpbench.distributed import autocast
-    from tkpbench.model import TKPPCL
-    from tkpbench.train import patch_masks
 
     model = TKPPCL(ModelConfig(encoder="vit_base_patch16_384", weights="")).to(device).eval()
     batch = 4 if device.type == "cuda" else 1
@@ -123,8 +134,6 @@ def bench_pseudo(device: torch.device, out: dict) -> None:
 
 
 def bench_pce_pooling(device: torch.device, out: dict) -> None:
-    from tkpbench.pce import patch_contrastive_error
-    from tkpbench.pooling import topk_pool
 
     b, s, c, e = 16, 576, 21, 768
     f = torch.randn(b, s, e, device=device)
@@ -156,12 +165,7 @@ def bench_pce_pooling(device: torch.device, out: dict) -> None:
 
 
 def bench_data(out: dict, tmp: Path) -> None:
-    from torch.utils.data import DataLoader
 
-    from tkpbench.config import DataConfig
-    from tkpbench.data import VOCSegmentation
-    from tkpbench.data.synth import make_synthetic
-    from tkpbench.data.transforms import TKPTrainSet, tkp_train_transform
 
     make_synthetic(tmp, n=64, seed=0, size=(375, 500))
     ds = TKPTrainSet(VOCSegmentation(tmp / "VOC2012", "train_aug"), tkp_train_transform(DataConfig(), 384, (0.5,) * 3, (0.5,) * 3))
@@ -178,9 +182,7 @@ def bench_crf(device: torch.device, out: dict, photo: Path | None) -> None:
     """Both backends on two 500x375 inputs with 21 labels: uniform noise (the worst case for the
     bilateral lattice, about d + 1 = 6 vertices per pixel) and a photograph (``photo``, a real VOC
     image; a generated demo image where none is given), whose lattice is 3-6x smaller."""
-    from concurrent.futures import ProcessPoolExecutor
 
-    from tkpbench.crf import dense_crf
 
     cores = os.cpu_count() or 1
     sync = _sync(device)
@@ -207,12 +209,10 @@ def _crf_inputs(kind: str, photo: Path | None):
     if kind == "noise":
         img, source = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8), "uniform noise"
     elif photo is not None:
-        from PIL import Image
 
         img = np.array(Image.open(photo).convert("RGB").resize((500, 375), Image.BILINEAR))
         source = str(photo)
     else:
-        from tkpbench.data.synth import render
 
         img, source = render(rng, 375, 500, 20)[0], "generated demo image (tkpbench.data.synth.render, seed 0)"
     p = rng.random((21, 375, 500)).astype(np.float32) ** 4
@@ -221,7 +221,6 @@ def _crf_inputs(kind: str, photo: Path | None):
 
 def _crf_job(args):
     os.environ["OMP_NUM_THREADS"] = "1"
-    from tkpbench.crf import dense_crf
 
     img, probs, _ = _crf_inputs(*args)
     return dense_crf(img, probs).shape
@@ -231,10 +230,6 @@ def bench_crf_agreement(device: torch.device, out: dict, voc_root: Path | None) 
     """The torch backend against pydensecrf on every VOC val image under ``voc_root``, full size,
     with probabilities from a blurred, shifted, noisy copy of the ground truth restricted to the
     image's classes (the CRF stage's own input form). Accuracy, not speed."""
-    from tkpbench.crf import dense_crf
-    from tkpbench.data import VOCSegmentation
-    from tkpbench.data.synth import blurred_probs
-    from tkpbench.metrics import ConfusionMatrix
 
     if voc_root is None:
         out["crf_agreement"] = "skipped: no VOC root (--voc-root)"
@@ -264,7 +259,6 @@ def bench_crf_agreement(device: torch.device, out: dict, voc_root: Path | None) 
 
 
 def bench_metrics(out: dict) -> None:
-    from tkpbench.metrics import ConfusionMatrix
 
     rng = np.random.default_rng(0)
     gt = torch.from_numpy(rng.integers(0, 21, size=(375, 500), dtype=np.uint8))
@@ -277,8 +271,6 @@ def bench_metrics(out: dict) -> None:
 
 
 def bench_deeplab(device: torch.device, out: dict) -> None:
-    from tkpbench.deeplab import DeepLabV2
-    from tkpbench.distributed import autocast
 
     res = {}
     modes = [("bf16_channels_last", True), ("fp32", False)] if device.type == "cuda" else [("fp32", False)]
@@ -322,12 +314,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="crf_agreement: a VOC2012 folder whose val images to use (default: ../shared/data's sample)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    from tkpbench.records import device_name, git_commit
 
     out: dict = {"device": device_name() if device.type == "cuda" else "CPU", "cpu_count": os.cpu_count(),
                  "torch": torch.__version__, "commit": git_commit(), "command": " ".join(["python -m tkpbench.bench", *(argv or sys.argv[1:])])}
     only = set(args.only.split(","))
-    import tempfile
 
     steps = [("metrics", lambda: bench_metrics(out)), ("pce", lambda: bench_pce_pooling(device, out)),
              ("crf", lambda: bench_crf(device, out, args.crf_image)), ("data", lambda: bench_data(out, Path(tempfile.mkdtemp()))),
@@ -342,7 +332,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] done in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     print(json.dumps(out, indent=2))
     if args.json:
-        from tkpbench.io import atomic_write_json
 
         atomic_write_json(args.json, out)
     return 0

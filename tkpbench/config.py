@@ -3,24 +3,28 @@
 Configs are TOML files whose tables mirror the dataclasses below (``[model]``, ``[data]``,
 ``[train]``, ``[pseudo]``, ``[crf]``, ``[seg]``). A file may name a parent with
 ``base = "other.toml"`` (resolved relative to the file); its keys override the parent's.
-Unknown keys and wrong types are errors that name the key and the file.
+Unknown keys, wrong types and values out of range (``RULES``) are errors that name the key, the
+value, what is allowed and the file or ``--set`` the value came from; every stage checks the
+whole config when it loads it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
+from tkpbench.errors import ConfigError
 from tkpbench.io import atomic_write_text
 
+__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "config_from_dict", "validate", "dumps"]
 
-class ConfigError(ValueError):
-    """A configuration file or override that does not fit the schema."""
+
 
 
 @dataclass
@@ -182,10 +186,87 @@ def _merge(cfg: Config, raw: dict[str, Any], source: str) -> None:
                     known = ", ".join(hints)
                     raise ConfigError(f"{source}: unknown key '{key}.{k2}' (known keys of [{key}]: {known})")
                 setattr(sub, k2, _check_type(v2, hints[k2], f"{key}.{k2}", source))
+                _sources(cfg)[f"{key}.{k2}"] = source
         elif key in top_hints:
             setattr(cfg, key, _check_type(value, top_hints[key], key, source))
+            _sources(cfg)[key] = source
         else:
             raise ConfigError(f"{source}: unknown key '{key}' (known: {', '.join(top_hints)}, base)")
+
+
+def _sources(cfg: Config) -> dict[str, str]:
+    """Where each key's value came from (a file or an override); not part of the config's data."""
+    return cfg.__dict__.setdefault("_sources", {})
+
+
+def _num(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    def check(v: Any) -> str | None:
+        if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and (v > hi or (hi_open and v == hi))):
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            return f"a number in {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        return None
+    return check
+
+
+def _choice(*options: str):
+    return lambda v: None if v in options else "one of " + ", ".join(repr(o) for o in options)
+
+
+def _pair(lo: float, hi: float | None):
+    def check(v: Any) -> str | None:
+        ok = (len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+              and lo < v[0] <= v[1] and (hi is None or v[1] <= hi))
+        return None if ok else f"two numbers [a, b] with {lo} < a <= b" + (f" <= {hi}" if hi is not None else "")
+    return check
+
+
+def _numbers(n: int | None, lo: float):
+    def check(v: Any) -> str | None:
+        ok = (n is None or len(v) == n) and len(v) > 0 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and x >= lo for x in v)
+        return None if ok else f"a list of {n or 'one or more'} numbers >= {lo}"
+    return check
+
+
+POS, NONNEG, PROB = _num(0, lo_open=True), _num(0), _num(0, 1)
+AT_LEAST_1 = _num(1)
+# The allowed values of every key that has limits; checked whenever a config is loaded.
+RULES: dict[str, Any] = {
+    "model.img_size": _num(16), "model.num_classes": _num(2), "model.hidden": AT_LEAST_1,
+    "model.dropout": _num(0, 1, hi_open=True), "model.pooling": _choice("topk", "max", "avg"), "model.k": AT_LEAST_1,
+    "model.eps": _num(0.5, 1, lo_open=True, hi_open=True), "model.alpha": NONNEG,
+    "model.clamp": _num(0, 0.5, lo_open=True, hi_open=True),
+    "data.dataset": _choice("voc", "coco"), "data.tags": _choice("mask", "xml"), "data.workers": NONNEG,
+    "data.hflip": PROB, "data.rrc_p": PROB, "data.color_jitter": _numbers(4, 0), "data.rrc_scale": _pair(0, 1),
+    "train.epochs": AT_LEAST_1, "train.batch_size": AT_LEAST_1, "train.micro_batch": NONNEG,
+    "train.warmup_epochs": NONNEG, "train.lr_warmup": POS, "train.lr": POS, "train.unfreeze_blocks": NONNEG,
+    "train.weight_decay": NONNEG, "train.seed": NONNEG, "train.ckpt_every": AT_LEAST_1,
+    "train.keep_checkpoints": AT_LEAST_1, "train.log_every": AT_LEAST_1, "train.eval_every": NONNEG,
+    "train.max_steps": NONNEG,
+    "pseudo.infer_size": _num(16), "pseudo.batch_size": AT_LEAST_1,
+    "crf.iters": AT_LEAST_1, "crf.gauss_sxy": POS, "crf.gauss_compat": NONNEG, "crf.bi_sxy": POS, "crf.bi_srgb": POS,
+    "crf.bi_compat": NONNEG, "crf.workers": NONNEG, "crf.backend": _choice("pydensecrf", "torch"),
+    "crf.device": lambda v: None if v in ("", "cpu") or v.startswith("cuda") else "'', 'cpu' or 'cuda[:N]'",
+    "seg.backbone": _choice("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"), "seg.crop": _num(16),
+    "seg.batch_size": AT_LEAST_1, "seg.lr": POS, "seg.head_lr_mult": POS, "seg.momentum": _num(0, 1, hi_open=True),
+    "seg.weight_decay": NONNEG, "seg.poly_power": NONNEG, "seg.iters": AT_LEAST_1, "seg.scale_range": _pair(0, None),
+    "seg.eval_scales": _numbers(None, 0.05), "seg.workers": NONNEG, "seg.ckpt_every": AT_LEAST_1,
+    "seg.log_every": AT_LEAST_1,
+}
+
+
+def validate(cfg: Config) -> Config:
+    """Check every key of ``RULES``; raise ConfigError naming the key, value, what is allowed and its source."""
+    d = cfg.to_dict()
+    for key, rule in RULES.items():
+        sec, name = key.split(".")
+        value = d[sec][name]
+        allowed = rule(value)
+        if allowed:
+            src = _sources(cfg).get(key, "the defaults of tkpbench/config.py")
+            raise ConfigError(f"{src}: {key} = {value!r} is not allowed; expected {allowed}")
+    return cfg
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -234,14 +315,14 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         raw: dict[str, Any] = {parts[-1]: value}
         for part in reversed(parts[:-1]):
             raw = {part: raw}
-        _merge(cfg, raw, f"override '{ov}'")
-    return cfg
+        _merge(cfg, raw, f"--set {ov}")
+    return validate(cfg)
 
 
 def config_from_dict(d: dict[str, Any], source: str = "checkpoint") -> Config:
     cfg = Config()
     _merge(cfg, d, source)
-    return cfg
+    return validate(cfg)
 
 
 def _toml_value(v: Any) -> str:

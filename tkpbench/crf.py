@@ -13,19 +13,30 @@ and writes ``<run>/pseudo/crf/<id>.png`` atomically. Only the tagged classes ent
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import sys
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pydensecrf.densecrf as dcrf
+import torch
+from pydensecrf.utils import unary_from_softmax
+from torch.utils.data import DataLoader
 
-from tkpbench.config import CRFConfig
-
-DEFAULTS = CRFConfig()
+from tkpbench import cli
+from tkpbench.config import CRFConfig, DataConfig
+from tkpbench.data.common import save_mask
+from tkpbench.data.transforms import build_dataset
+from tkpbench.distributed import shard_indices
+from tkpbench.errors import UserError
+from tkpbench.permutohedral import mean_field
+from tkpbench.progress import track
+from tkpbench.runs import RunDir, chain_settings, claim_outputs, load_probs, model_digest, png_ok, run_config
 
 
 def _check(image: np.ndarray, probs: np.ndarray) -> None:
@@ -42,67 +53,65 @@ def _check(image: np.ndarray, probs: np.ndarray) -> None:
         raise ValueError(f"probs must sum to 1 over classes (found sums in [{s.min():.3f}, {s.max():.3f}])")
 
 
-def dense_crf(image: np.ndarray, probs: np.ndarray, iters: int = DEFAULTS.iters,
-              gauss_sxy: float = DEFAULTS.gauss_sxy, gauss_compat: float = DEFAULTS.gauss_compat,
-              bi_sxy: float = DEFAULTS.bi_sxy, bi_srgb: float = DEFAULTS.bi_srgb,
-              bi_compat: float = DEFAULTS.bi_compat, backend: str = "pydensecrf", device: str = "cpu",
-              **_: object) -> np.ndarray:
+def crf_config(cfg: CRFConfig | None = None, **params: Any) -> CRFConfig:
+    """``cfg`` (default: the paper's values) with ``params`` replacing its fields; a keyword that is
+    not a CRF setting (a misspelling) is an error, never silently ignored."""
+    cfg = cfg or CRFConfig()
+    unknown = sorted(set(params) - {f.name for f in dataclasses.fields(CRFConfig)})
+    if unknown:
+        known = ", ".join(f.name for f in dataclasses.fields(CRFConfig))
+        raise TypeError(f"unknown CRF setting(s) {unknown}; the settings are: {known}")
+    return dataclasses.replace(cfg, **params)
+
+
+def dense_crf(image: np.ndarray, probs: np.ndarray, cfg: CRFConfig | None = None, **params: Any) -> np.ndarray:
     """Mean-field inference. image: uint8 (H, W, 3); probs: float32 (C, H, W) summing to 1 over C.
-    Returns the refined marginals, float32 (C, H, W). ``backend``: "pydensecrf" (the reference)
-    or "torch" (``tkpbench.permutohedral``, on ``device``)."""
-    if backend == "torch":
-        _check(image, probs)
-        return dense_crf_batch(image[None], probs[None], iters, gauss_sxy, gauss_compat, bi_sxy, bi_srgb,
-                               bi_compat, device)[0]
-    if backend != "pydensecrf":
-        raise ValueError(f"unknown CRF backend {backend!r}; available: 'pydensecrf', 'torch'")
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_softmax
-
+    Returns the refined marginals, float32 (C, H, W). Settings: ``cfg`` (a ``CRFConfig``) and/or
+    keywords of the same names (iters, gauss_sxy, ..., backend "pydensecrf" | "torch", device)."""
+    c = crf_config(cfg, **params)
     _check(image, probs)
-    c, h, w = probs.shape
-    d = dcrf.DenseCRF2D(w, h, c)
+    if c.backend == "torch":
+        return dense_crf_batch(image[None], probs[None], c)[0]
+    if c.backend != "pydensecrf":
+        raise ValueError(f"unknown CRF backend {c.backend!r}; available: 'pydensecrf', 'torch'")
+    n, h, w = probs.shape
+    d = dcrf.DenseCRF2D(w, h, n)
     d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32))))
-    d.addPairwiseGaussian(sxy=gauss_sxy, compat=gauss_compat)
-    d.addPairwiseBilateral(sxy=bi_sxy, srgb=bi_srgb, rgbim=np.ascontiguousarray(image), compat=bi_compat)
-    return np.asarray(d.inference(iters), dtype=np.float32).reshape(c, h, w)
+    d.addPairwiseGaussian(sxy=c.gauss_sxy, compat=c.gauss_compat)
+    d.addPairwiseBilateral(sxy=c.bi_sxy, srgb=c.bi_srgb, rgbim=np.ascontiguousarray(image), compat=c.bi_compat)
+    return np.asarray(d.inference(c.iters), dtype=np.float32).reshape(n, h, w)
 
 
-def dense_crf_batch(images: np.ndarray, probs: np.ndarray, iters: int = DEFAULTS.iters,
-                    gauss_sxy: float = DEFAULTS.gauss_sxy, gauss_compat: float = DEFAULTS.gauss_compat,
-                    bi_sxy: float = DEFAULTS.bi_sxy, bi_srgb: float = DEFAULTS.bi_srgb,
-                    bi_compat: float = DEFAULTS.bi_compat, device: str = "cpu") -> np.ndarray:
-    """The torch backend on several images of one size at once.
+def dense_crf_batch(images: np.ndarray, probs: np.ndarray, cfg: CRFConfig | None = None, **params: Any) -> np.ndarray:
+    """The torch backend on several images of one size at once, on ``cfg.device`` (default cpu).
     images: uint8 (B, H, W, 3); probs: float32 (B, C, H, W). Returns float32 (B, C, H, W)."""
-    import torch
-
-    from tkpbench.permutohedral import mean_field
-
+    c = crf_config(cfg, **params)
     for im, p in zip(images, probs):
         _check(im, p)
+    device = c.device or "cpu"
     img = torch.as_tensor(np.ascontiguousarray(images), device=device)
     unary = -torch.log(torch.as_tensor(probs, device=device).float().clamp_min(1e-5))  # as unary_from_softmax
-    q = mean_field(img, unary, iters, gauss_sxy, gauss_compat, bi_sxy, bi_srgb, bi_compat)
+    q = mean_field(img, unary, c.iters, c.gauss_sxy, c.gauss_compat, c.bi_sxy, c.bi_srgb, c.bi_compat)
     return q.cpu().numpy()
+
+
+class CRFError(UserError):
+    """Images of a folder that could not be refined (a damaged probabilities file, named)."""
 
 
 _CTX: dict = {}
 
 
-def _init(cfg_dict: dict, data_cfg: dict, split: str, pseudo_dir: str) -> None:
-    if cfg_dict.get("backend") != "torch":  # a pool worker: one thread each
-        os.environ["OMP_NUM_THREADS"] = "1"
-    from tkpbench.config import DataConfig
-    from tkpbench.data.transforms import build_dataset
-
-    _CTX.update(cfg=cfg_dict, ds=build_dataset(DataConfig(**data_cfg), split), dir=Path(pseudo_dir))
+def _init(cfg: CRFConfig, data_cfg: DataConfig, split: str, pseudo_dir: str) -> None:
+    """A pool worker: one thread each (the pool already uses every core)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    _CTX.update(cfg=cfg, ds=build_dataset(data_cfg, split), dir=Path(pseudo_dir))
 
 
 def _load(ds, pseudo_dir: Path, i: int) -> tuple[np.ndarray, np.ndarray]:
     """Image ``i`` (uint8 (H, W, 3)) and its merged probabilities (float32 (C, H, W)); a damaged
     probabilities file raises ValueError naming it and the fix."""
-    from tkpbench.pseudo import load_probs
-
     path = pseudo_dir / "probs" / f"{ds.ids[i]}.npz"
     try:
         probs = load_probs(path, ds.num_classes)
@@ -112,7 +121,7 @@ def _load(ds, pseudo_dir: Path, i: int) -> tuple[np.ndarray, np.ndarray]:
     return ds.image(i), probs
 
 
-def crf_labels(image: np.ndarray, probs: np.ndarray, cfg: dict) -> np.ndarray:
+def crf_labels(image: np.ndarray, probs: np.ndarray, cfg: CRFConfig) -> np.ndarray:
     """The CRF-refined label map (uint8 (H, W)) of merged probabilities (C, H, W): only the classes
     present (non-zero somewhere) enter the CRF; with fewer than two the map is that class."""
     present = np.flatnonzero(probs.reshape(probs.shape[0], -1).max(1) > 0)
@@ -120,13 +129,11 @@ def crf_labels(image: np.ndarray, probs: np.ndarray, cfg: dict) -> np.ndarray:
         return np.full(probs.shape[1:], present[0] if len(present) else 0, dtype=np.uint8)
     sub = probs[present]
     sub = sub / np.clip(sub.sum(0, keepdims=True), 1e-12, None)
-    return present[dense_crf(image, sub, **cfg).argmax(0)].astype(np.uint8)
+    return present[dense_crf(image, sub, cfg).argmax(0)].astype(np.uint8)
 
 
 def refine_one(i: int) -> str:
     """Refine image ``i`` of the pool worker's dataset; returns 'done', 'skipped' or an error text."""
-    from tkpbench.data.common import save_mask
-
     ds, d = _CTX["ds"], _CTX["dir"]
     out = d / "crf" / f"{ds.ids[i]}.png"
     if out.is_file():
@@ -157,16 +164,10 @@ class _Inputs:
             return i, None, None, str(e)
 
 
-def _refine_on_device(ds, pseudo_dir: Path, todo: list[int], cfg: dict, loaders: int):
+def _refine_on_device(ds, pseudo_dir: Path, todo: list[int], cfg: CRFConfig, loaders: int):
     """The torch backend: one process drives the device image by image while DataLoader workers
     load the next images and a thread writes the PNGs, so the device does not wait on file I/O.
     Yields 'done' or an error text per image."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from torch.utils.data import DataLoader
-
-    from tkpbench.data.common import save_mask
-
     loader = DataLoader(_Inputs(ds, pseudo_dir, todo), batch_size=None, num_workers=loaders,
                         prefetch_factor=4 if loaders else None, collate_fn=_as_is)  # keep numpy arrays
     with ThreadPoolExecutor(1) as writer:
@@ -189,34 +190,35 @@ def _as_is(sample):
     return sample
 
 
-def refine_folder(run_dir: Path, split: str, cfg: CRFConfig, data_cfg, rank: int = 0, world: int = 1,
-                  progress: bool = True) -> dict[str, int]:
-    """CRF over this rank's shard of ``split``, one process per worker. Raises on damaged inputs."""
-    from dataclasses import asdict
+def refine_folder(run_dir: Path, split: str, cfg: CRFConfig, data_cfg: DataConfig, rank: int = 0, world: int = 1,
+                  progress: bool = True, made_from: tuple[str, dict] | None = None) -> dict[str, int]:
+    """CRF over this rank's shard of ``split``. Raises on damaged inputs.
 
-    from tkpbench.data.transforms import build_dataset
-    from tkpbench.distributed import shard_indices
-    from tkpbench.progress import track
-
-    pseudo_dir = Path(run_dir) / "pseudo"
-    (pseudo_dir / "crf").mkdir(parents=True, exist_ok=True)
+    ``made_from``: (model digest, settings) that the CRF outputs are made from; outputs of another
+    model or other settings (a CRF stage killed, then resumed after a change) are removed first.
+    A truncated PNG (a killed write) is made again."""
+    run = RunDir(run_dir)
+    if made_from is not None and rank == 0:
+        stale = claim_outputs(run.pseudo, made_from[0], made_from[1], ("crf",))
+        if stale:
+            print(f"CRF masks in {run.crf} were made from another model or settings ({'; '.join(stale)}): made again")
+    run.crf.mkdir(parents=True, exist_ok=True)
     ds = build_dataset(data_cfg, split)
-    todo = [i for i in shard_indices(len(ds), rank, world) if not (pseudo_dir / "crf" / f"{ds.ids[i]}.png").is_file()]
+    todo = [i for i in shard_indices(len(ds), rank, world) if not png_ok(run.crf / f"{ds.ids[i]}.png")]
+    for i in todo:  # a damaged PNG is replaced, not trusted
+        (run.crf / f"{ds.ids[i]}.png").unlink(missing_ok=True)
     counts = {"done": 0, "skipped": len(ds) - len(todo)}
     if not todo:
         return counts
     workers = cfg.workers or os.cpu_count() or 1
     errors = []
-    args = (asdict(cfg), asdict(data_cfg), split, str(pseudo_dir))
     if cfg.backend == "torch":
-        import torch
-
-        args[0]["device"] = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        loaders = min(workers, 4) if args[0]["device"] != "cpu" else 0  # on the CPU the CRF itself uses every core
-        results = _refine_on_device(ds, pseudo_dir, todo, args[0], loaders)
+        cfg = dataclasses.replace(cfg, device=cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        loaders = min(workers, 4) if cfg.device != "cpu" else 0  # on the CPU the CRF itself uses every core
+        results = _refine_on_device(ds, run.pseudo, todo, cfg, loaders)
         pool = None
     else:
-        pool = ProcessPoolExecutor(workers, initializer=_init, initargs=args)
+        pool = ProcessPoolExecutor(workers, initializer=_init, initargs=(cfg, data_cfg, split, str(run.pseudo)))
         results = pool.map(refine_one, todo, chunksize=4)
     try:
         for r in track(results, total=len(todo), description=f"CRF {split}", enabled=progress):
@@ -228,24 +230,17 @@ def refine_folder(run_dir: Path, split: str, cfg: CRFConfig, data_cfg, rank: int
         if pool is not None:
             pool.shutdown()
     if errors:
-        raise RuntimeError(f"{len(errors)} images failed the CRF; first: {errors[0]}")
+        raise CRFError(f"{len(errors)} images failed the CRF; first: {errors[0]}")
     return counts
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tkpbench.crf", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def _main(argv: list[str] | None = None) -> int:
+    p = cli.parser("tkpbench crf", __doc__, cli.config_options())
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--split", default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--backend", choices=["pydensecrf", "torch"], default=None)
-    p.add_argument("--device", default=None, help="torch backend: cuda or cpu")
-    p.add_argument("--config", type=Path, default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    from tkpbench.pseudo import run_config
-
     cfg = run_config(args.run, args.config, args.overrides)
     if args.workers is not None:
         cfg.crf.workers = args.workers
@@ -255,10 +250,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg.crf.device = args.device
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     t = time.perf_counter()
+    made_from = (model_digest(RunDir(args.run).final), chain_settings("crf", cfg))
     counts = refine_folder(args.run, args.split or cfg.data.seg_train_split, cfg.crf, cfg.data, rank, world,
-                           progress=not args.no_progress and rank == 0)
+                           progress=not args.no_progress and rank == 0, made_from=made_from)
     print(f"CRF rank {rank}: {counts} in {time.perf_counter() - t:.1f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user error ends with one message and a non-zero exit (``tkpbench.cli.guard``)."""
+    return cli.guard(_main, argv)
 
 
 if __name__ == "__main__":

@@ -68,14 +68,6 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any) -> Any:
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         t = t.clone()
@@ -91,26 +83,50 @@ def autocast(device: torch.device, enabled: bool = True):
 
 
 def rng_state() -> dict[str, Any]:
+    """Every RNG a training step draws from, as tensors and plain numbers only, so that a checkpoint
+    holding it loads with ``torch.load(weights_only=True)``."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "gauss": float(gauss)},
+        "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64), "gauss": py_gauss},
     }
 
 
 def set_rng_state(s: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` returned."""
     torch.set_rng_state(s["torch"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = s["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
+
+
+@contextlib.contextmanager
+def rng_isolated():
+    """Run a block (an evaluation) without moving any RNG that training draws from: its DataLoader,
+    augmentation or sampling cannot change the trained weights, and a resume stays exact."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s dropout stream (rank 0 keeps ``seed``'s own stream)."""
+    return seed + 1_000_003 * rank
 
 
 class ResumableSampler(Sampler):
@@ -142,13 +158,16 @@ class ResumableSampler(Sampler):
         return perm[self.start_batch :].reshape(-1).tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        from tkpbench.data.transforms import sample_seed
-
         for i in self._mine():
             yield (i, sample_seed(self.seed, self.epoch, i))
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.per_rank
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation: a function of its place in the schedule only."""
+    return (seed * 1_000_003 + epoch * 100_003 + index) % (2**63)
 
 
 def shard_indices(n: int, rank: int, world: int) -> list[int]:

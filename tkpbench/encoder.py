@@ -13,19 +13,17 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors.torch import load_file as load_safetensors
+from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor, nn
 
-
-class WeightsError(RuntimeError):
-    """A weights file that is missing or does not fit the model."""
+from tkpbench.errors import WeightsError
 
 
 def load_state_dict_file(path: Path) -> dict[str, Tensor]:
     """Read a ``.pth``/``.pt``/``.bin`` (torch) or ``.safetensors`` file into a flat state dict."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return load_safetensors(str(path))
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
     for key in ("model", "state_dict", "model_state"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
@@ -79,8 +77,6 @@ class PatchEncoder(nn.Module):
             except Exception as e:  # timm raises KeyError/ValueError on a foreign npz
                 raise WeightsError(f"{path}: not a Google ViT checkpoint for '{self.name}': {e}") from e
             return
-        from timm.models.vision_transformer import checkpoint_filter_fn
-
         try:
             sd = load_state_dict_file(path)
         except Exception as e:

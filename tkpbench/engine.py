@@ -1,15 +1,27 @@
 """The one training loop (TKP-PCL and DeepLab-v2 share it): DDP, accumulation, bf16 autocast,
-atomic checkpoints with exact resume, SIGTERM handling, NaN guard, rich progress, JSONL log.
+atomic checkpoints with exact resume, signal handling, NaN guard, rich progress, JSONL log.
 
-A ``Task`` supplies the model, data, optimiser, learning rate and loss; this module does the rest.
-One checkpoint format (a dict, see ``_checkpoint``) and one log format (``log.jsonl``).
+A ``Task`` says what is trained (model, data, optimiser, learning rate, loss); a ``Trainer`` does
+the rest. ``Trainer.fit`` reads like the algorithm:
+
+    lock the run folder; build; resume
+    while steps remain: begin_epoch; train_step per batch; end_epoch (evaluate, log, checkpoint)
+    save final.pt
+
+One checkpoint format (``Checkpointer``: a dict of tensors and plain values that loads with
+``weights_only=True``) and one log (``log.jsonl``; each checkpoint records the log's length, so a
+resume drops exactly the lines of the steps it will run again). Evaluations run with every RNG
+saved and restored around them: how often a run evaluates never changes its weights.
+Tests inject faults by subclassing ``Trainer`` (``after_step``, ``losses``), not through options.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -23,57 +35,73 @@ from torch.utils.data import DataLoader, Dataset
 
 from tkpbench import distributed as D
 from tkpbench.config import diff_configs
-from tkpbench.io import atomic_torch_save, atomic_write_text
-
-CKPT_VERSION = 1
-
-
-class TrainingError(RuntimeError):
-    pass
+from tkpbench.errors import CheckpointError, RunLockedError, TrainingError, TrainingInterrupted
+from tkpbench.io import atomic_torch_save, atomic_write_text, remove_stale_temporaries
+from tkpbench.progress import make_progress
+from tkpbench.runs import CHECKPOINT_FORMAT, RunDir, RunLock, load_checkpoint
 
 
-class Task:
+class Task(abc.ABC):
     """What a training run is about. Subclasses: ``tkpbench.train.TKPTask``, ``tkpbench.segment.SegTask``."""
 
     name = "task"
-    global_batch = 16
-    micro_batch = 0
+    global_batch = 16  # images per optimiser step over all processes
+    micro_batch = 0  # per-process forward size; 0 = the whole per-process batch
     seed = 0
     ckpt_every = 500
     log_every = 20
     keep_checkpoints = 2
     amp = True
+    workers = 0
 
-    def build_model(self) -> nn.Module: ...
-    def train_set(self) -> Dataset: ...
-    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer: ...
-    def total_steps(self, batches_per_epoch: int) -> int: ...
+    @abc.abstractmethod
+    def build_model(self) -> nn.Module:
+        """The model with its initial weights, on the CPU."""
+
+    @abc.abstractmethod
+    def train_set(self) -> Dataset:
+        """The training data; items are fetched by ``(index, sample_seed)`` keys."""
+
+    @abc.abstractmethod
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """One optimiser over every parameter that ever trains (frozen ones get no gradient)."""
+
+    @abc.abstractmethod
+    def total_steps(self, batches_per_epoch: int) -> int:
+        """How many optimiser steps the run takes."""
+
+    @abc.abstractmethod
     def lr_factors(self, step: int, epoch: int) -> list[float]:
         """The learning rate of each optimiser group at ``step`` (a pure function)."""
-        ...
-    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]: ...
+
+    @abc.abstractmethod
+    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        """The loss terms of one micro-batch; ``"loss"`` is the one minimised, the others are logged."""
 
     def set_phase(self, model: nn.Module, epoch: int) -> bool:
         """Set requires_grad for ``epoch``; True when it changed (DDP is then re-wrapped)."""
         return False
 
-    def evaluate(self, model: nn.Module, dist: D.DistInfo) -> dict[str, float]:
-        return {}
-
     def train_mode(self, model: nn.Module) -> None:
+        """Put the model in training mode (a task may keep parts, e.g. frozen BatchNorm, in eval mode)."""
         model.train()
+
+    def eval_due(self, epoch_done: int) -> bool:
+        """Whether to evaluate after ``epoch_done`` whole epochs."""
+        return False
+
+    def evaluate(self, model: nn.Module, dist: D.DistInfo) -> dict[str, float]:
+        """Validation metrics, reduced over ranks (called with all RNGs isolated)."""
+        return {}
 
     def resume_view(self, cfg: dict[str, Any]) -> dict[str, Any]:
         """The part of the config that must match to resume."""
         return cfg
 
-    def eval_due(self, epoch_done: int) -> bool:
-        return False
-
 
 @dataclass
 class RunState:
-    epoch: int = 0
+    epoch: int = 0  # whole epochs done
     batch_in_epoch: int = 0
     step: int = 0
 
@@ -83,16 +111,14 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def load_latest(ckpt_dir: Path, warn=print) -> dict[str, Any] | None:
-    """Newest loadable checkpoint; a corrupt one is skipped with a warning."""
+    """Newest loadable checkpoint; a damaged or foreign one is skipped with a warning."""
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
-            ck = torch.load(path, map_location="cpu", weights_only=False)
-            if ck.get("version") == CKPT_VERSION and "model" in ck:
-                ck["_path"] = str(path)
-                return ck
-            warn(f"warning: {path} is not a tkpbench checkpoint; trying the previous one")
-        except Exception as e:
-            warn(f"warning: checkpoint {path} is corrupt ({e.__class__.__name__}: {e}); falling back to the previous one")
+            ck = load_checkpoint(path)
+            ck["_path"] = str(path)
+            return ck
+        except CheckpointError as e:
+            warn(f"warning: checkpoint {path} is corrupt or not usable ({e}); falling back to the previous one")
     return None
 
 
@@ -100,240 +126,309 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DDP) else model
 
 
-class _Stop:
+class Checkpointer:
+    """Writes and prunes ``step_*.pt`` (rank 0 writes; every rank contributes its RNG state)."""
+
+    def __init__(self, run: RunDir, keep: int, main: bool) -> None:
+        self.dir, self.keep, self.main = run.checkpoints, keep, main
+        if main and self.dir.is_dir():
+            remove_stale_temporaries(self.dir)  # left by a job killed while writing
+
+    def save(self, payload: dict[str, Any], step: int, tag: str | None = None) -> Path:
+        rngs = D.all_gather_object(D.rng_state())
+        path = self.dir / (tag or f"step_{step:08d}.pt")
+        if self.main:
+            atomic_torch_save(path, {"format": CHECKPOINT_FORMAT, **payload, "rng": rngs})
+            if tag is None:
+                for old in list_checkpoints(self.dir)[: -self.keep]:
+                    old.unlink(missing_ok=True)
+        D.barrier()
+        return path
+
+
+class _Signals:
+    """Remembers SIGTERM/SIGINT instead of dying, so the loop can checkpoint first."""
+
     def __init__(self) -> None:
         self.signal: int | None = None
 
     def __call__(self, signum, frame) -> None:
         self.signal = signum
 
+    def __enter__(self) -> _Signals:
+        self.old = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
 
-def fit(task: Task, cfg_dict: dict[str, Any], run_dir: Path, dist: D.DistInfo, resume: str | None = "auto",
-        force: bool = False, progress: bool = True, stop_after: int = 0, nan_at: int = -1,
-        config_text: str | None = None) -> nn.Module:
-    """Train ``task`` to the end (or to a signal), checkpointing under ``run_dir/checkpoints``.
+    def __exit__(self, *exc) -> None:
+        for s, h in self.old.items():
+            signal.signal(s, h)
 
-    ``resume``: "auto" continues from the newest valid checkpoint, a path continues from that
-    file, None refuses to touch a run folder that already has checkpoints. ``stop_after`` (debug)
-    saves and returns after that many steps, like a kill right after a checkpoint;
-    ``nan_at`` (debug) replaces the loss by NaN at that step. ``config_text`` is written to
-    ``run_dir/config.toml`` once the run is known not to clash with what the folder holds.
-    """
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    log_path = run_dir / "log.jsonl"
-    main = dist.is_main
-    say = print if main else (lambda *a, **k: None)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
 
-    D.seed_everything(task.seed)
-    model = task.build_model().to(dist.device)
-    optimizer = task.optimizer(model)
-    state = RunState()
-    ck = None
-    if resume == "auto":
-        ck = load_latest(ckpt_dir, warn=say)
-    elif resume:
-        ck = torch.load(resume, map_location="cpu", weights_only=False)
-    elif list_checkpoints(ckpt_dir):
-        raise TrainingError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it, or choose another run name")
-    if ck is not None:
-        diff = diff_configs(task.resume_view(ck["config"]), task.resume_view(cfg_dict))
-        if diff and not force:
+class Trainer:
+    """Trains one ``Task`` in one run folder. ``resume``: "auto" continues the newest valid
+    checkpoint, a path continues that file, None refuses a folder that already has checkpoints.
+    ``config_text`` goes to ``config.toml`` once the run is known not to clash with the folder."""
+
+    def __init__(self, task: Task, cfg_dict: dict[str, Any], run_dir: Path, dist: D.DistInfo,
+                 resume: str | None = "auto", force: bool = False, progress: bool = True,
+                 config_text: str | None = None) -> None:
+        self.task, self.cfg_dict, self.run, self.dist = task, cfg_dict, RunDir(run_dir), dist
+        self.resume_from, self.force, self.show_progress, self.config_text = resume, force, progress, config_text
+        self.main = dist.is_main
+        self.state = RunState()
+        self.signals = _Signals()
+        self.stop_signal: int | None = None  # set by train_step when any rank received SIGTERM/SIGINT
+        self.prog = None
+
+    def say(self, msg: str) -> None:
+        if self.main:
+            print(msg, flush=True)
+
+    # -- the algorithm -------------------------------------------------------------------------
+    def fit(self) -> nn.Module:
+        with self._lock(), self.signals, self._progress():
+            self.build()
+            self.resume()
+            while self.state.step < self.total:
+                self.begin_epoch()
+                for batch in self.loader:
+                    self.train_step(batch)
+                    self.after_step()
+                    if self.stop_signal is not None or self.state.step >= self.total:
+                        break
+                if self.stop_signal is not None:
+                    self.interrupted()
+                self.end_epoch()
+            self.save_final()
+        return unwrap(self.model)
+
+    # -- pieces ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _lock(self):
+        """Rank 0 holds the run folder's lock; every rank learns whether it got it."""
+        lock, error = None, None
+        if self.main:
+            try:
+                lock = RunLock(self.run.root).__enter__()
+            except RunLockedError as e:
+                error = e
+        failed = D.all_reduce_sum(torch.tensor([float(error is not None)], device=self.dist.device)).item()
+        if failed:
+            raise TrainingError(str(error) if error else "rank 0 could not lock the run folder")
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.__exit__(None, None, None)
+
+    @contextlib.contextmanager
+    def _progress(self):
+        if self.main and self.show_progress:
+            self.prog = make_progress(transient=False)
+            self.prog.start()
+        try:
+            yield
+        finally:
+            if self.prog is not None:
+                self.prog.stop()
+
+    def build(self) -> None:
+        """Model (same initial weights on every rank), optimiser, data, geometry of the batch."""
+        task, dist = self.task, self.dist
+        if self.main:
+            self.run.root.mkdir(parents=True, exist_ok=True)
+        D.seed_everything(task.seed)
+        self.model = task.build_model().to(dist.device)
+        if dist.rank:  # each rank its own dropout stream; rank 0 keeps the single-process one
+            D.seed_everything(D.rank_seed(task.seed, dist.rank))
+        self.optimizer = task.optimizer(self.model)
+        self.ckpt = Checkpointer(self.run, task.keep_checkpoints, self.main)
+        if task.global_batch % dist.world:
             raise TrainingError(
-                f"refusing to resume {ck.get('_path', resume)} with a different config (pass --force to override):\n  "
-                + "\n  ".join(diff)
-            )
-        unwrap(model).load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        state = RunState(ck["epoch"], ck["batch_in_epoch"], ck["step"])
-        if ck.get("world") == dist.world:
-            D.set_rng_state(ck["rng"][dist.rank])
-        else:
-            say(f"warning: checkpoint was written by {ck.get('world')} processes, this run has {dist.world}: "
-                "the data order continues approximately, not exactly")
-        say(f"resumed from {ck.get('_path', resume)} at epoch {state.epoch + 1}, step {state.step}")
-        if main and log_path.is_file():  # drop log lines of steps that will be run again
-            keep = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= state.step]
-            atomic_write_text(log_path, "".join(k + "\n" for k in keep))
+                f"the global batch {task.global_batch} does not divide over {dist.world} processes; use a process "
+                "count that divides it (the global batch is never changed silently)")
+        per_rank = task.global_batch // dist.world
+        self.micro = task.micro_batch or per_rank
+        if per_rank % self.micro:
+            raise TrainingError(f"micro_batch {self.micro} must divide the per-process batch {per_rank}")
+        self.accum = per_rank // self.micro
+        train_set = task.train_set()
+        self.sampler = D.ResumableSampler(len(train_set), task.global_batch, dist.rank, dist.world, task.seed)
+        w = task.workers
+        self.loader = DataLoader(train_set, batch_size=per_rank, sampler=self.sampler, num_workers=w,
+                                 pin_memory=dist.device.type == "cuda", persistent_workers=w > 0, drop_last=True,
+                                 prefetch_factor=4 if w > 0 else None,
+                                 # its own generator: an iterator made at resume must not draw from the global RNG
+                                 generator=torch.Generator().manual_seed(task.seed))
+        self.total = task.total_steps(self.sampler.batches_per_epoch)
+        self.ddp: nn.Module = self.model
+        self.wrapped = False
+        self.t_last, self.imgs_since = time.perf_counter(), 0
 
-    if main and config_text is not None:
-        atomic_write_text(run_dir / "config.toml", config_text)
-    if task.global_batch % dist.world:
-        raise TrainingError(
-            f"the global batch {task.global_batch} does not divide over {dist.world} processes; use a process count "
-            f"that divides it (the global batch is never changed silently)"
-        )
-    per_rank = task.global_batch // dist.world
-    micro = task.micro_batch or per_rank
-    if per_rank % micro:
-        raise TrainingError(f"micro_batch {micro} must divide the per-process batch {per_rank}")
-    accum = per_rank // micro
+    def resume(self) -> None:
+        """Continue from a checkpoint (model, optimiser, position, RNG of every rank, log length)."""
+        ck = None
+        if self.resume_from == "auto":
+            ck = load_latest(self.run.checkpoints, warn=self.say)
+        elif self.resume_from:
+            try:
+                ck = load_checkpoint(self.resume_from)
+            except CheckpointError as e:
+                raise TrainingError(str(e)) from e
+        elif list_checkpoints(self.run.checkpoints):
+            raise TrainingError(f"{self.run.root} already holds checkpoints; pass --resume auto to continue it, "
+                                "or choose another run name")
+        if ck is not None:
+            where = ck.get("_path", self.resume_from)
+            diff = diff_configs(self.task.resume_view(ck["config"]), self.task.resume_view(self.cfg_dict))
+            if diff and not self.force:
+                raise TrainingError(f"refusing to resume {where} with a different config (pass --force to "
+                                    "override):\n  " + "\n  ".join(diff))
+            unwrap(self.model).load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.state = RunState(ck["epoch"], ck["batch_in_epoch"], ck["step"])
+            if ck.get("world") == self.dist.world:
+                D.set_rng_state(ck["rng"][self.dist.rank])
+            else:
+                self.say(f"warning: checkpoint was written by {ck.get('world')} processes, this run has "
+                         f"{self.dist.world}: the data order continues approximately, not exactly")
+            self.say(f"resumed from {where} at epoch {self.state.epoch + 1}, step {self.state.step}")
+            if self.main:
+                self._truncate_log(ck.get("log_bytes"))
+        elif self.main and self.run.log.is_file():
+            self._truncate_log(0)  # a fresh start: the old lines belong to no checkpoint
+        if self.main and self.config_text is not None:
+            atomic_write_text(self.run.config, self.config_text)
+        if self.prog is not None:
+            self.bar = self.prog.add_task(self.task.name, total=self.total, completed=self.state.step, info="")
 
-    train_set = task.train_set()
-    sampler = D.ResumableSampler(len(train_set), task.global_batch, dist.rank, dist.world, task.seed)
-    workers = getattr(task, "workers", 0)
-    loader = DataLoader(train_set, batch_size=per_rank, sampler=sampler, num_workers=workers,
-                        pin_memory=dist.device.type == "cuda", persistent_workers=workers > 0, drop_last=True,
-                        prefetch_factor=4 if workers > 0 else None,
-                        # the loader's own generator: creating an iterator (at resume) must not draw from
-                        # the global RNG that dropout uses
-                        generator=torch.Generator().manual_seed(task.seed))
-    total = task.total_steps(sampler.batches_per_epoch)
+    def _truncate_log(self, keep_bytes: int | None) -> None:
+        """Keep the log as it was at the checkpoint; a torn last line (a kill mid-write) is dropped."""
+        data = self.run.log.read_bytes() if self.run.log.is_file() else b""
+        if keep_bytes is not None:
+            data = data[:keep_bytes]
+        lines = []
+        for ln in data.decode(errors="replace").splitlines():
+            try:
+                json.loads(ln)
+                lines.append(ln)
+            except ValueError:
+                continue
+        atomic_write_text(self.run.log, "".join(x + "\n" for x in lines))
 
-    stop = _Stop()
-    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    def begin_epoch(self) -> None:
+        changed = self.task.set_phase(self.model, self.state.epoch)
+        if self.dist.enabled and (not self.wrapped or changed):
+            self.ddp = DDP(self.model, device_ids=[self.dist.local_rank] if self.dist.device.type == "cuda" else None)
+            self.wrapped = True
+        self.task.train_mode(self.model)
+        self.sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch)
 
-    def checkpoint(tag: str | None = None) -> Path:
-        rngs = D.all_gather_object(D.rng_state())
-        path = ckpt_dir / (tag or f"step_{state.step:08d}.pt")
-        if main:
-            atomic_torch_save(path, {
-                "version": CKPT_VERSION, "task": task.name, "model": unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(), "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
-                "step": state.step, "config": cfg_dict, "rng": rngs, "world": dist.world,
-            })
-            if tag is None:
-                for old_ck in list_checkpoints(ckpt_dir)[: -task.keep_checkpoints]:
-                    old_ck.unlink(missing_ok=True)
-        D.barrier()
-        return path
+    def losses(self, mb: tuple) -> dict[str, torch.Tensor]:
+        """The task's loss terms of one micro-batch under autocast (tests override this to inject faults)."""
+        with D.autocast(self.dist.device, self.task.amp):
+            return self.task.loss(self.ddp, mb, self.dist.device)
 
-    def log(rec: dict[str, Any]) -> None:
-        if main:
-            with open(log_path, "a") as f:
+    def train_step(self, batch: tuple) -> None:
+        """One optimiser step over the global batch: micro-batches, one all-reduce, one host sync."""
+        st, dist = self.state, self.dist
+        lrs = self.task.lr_factors(st.step, st.epoch)
+        for g, lr in zip(self.optimizer.param_groups, lrs):
+            g["lr"] = lr
+        summed = None  # the loss terms, accumulated on the device
+        for i in range(self.accum):
+            mb = tuple(x[i * self.micro:(i + 1) * self.micro] for x in batch)
+            sync = i == self.accum - 1 or not dist.enabled
+            with (self.ddp.no_sync() if not sync else contextlib.nullcontext()):
+                losses = self.losses(mb)
+                (losses["loss"] / self.accum).backward()
+            part = torch.stack([v.detach().float() for v in losses.values()]) / self.accum
+            summed = part if summed is None else summed + part
+        # the terms summed over ranks (a NaN on any rank stays non-finite, so every rank decides
+        # alike) and the stop flag, in one all-reduce
+        flag = torch.tensor([float(self.signals.signal is not None)], device=dist.device)
+        *values, stop = D.all_reduce_sum(torch.cat([summed, flag])).tolist()
+        terms = {k: v / dist.world for k, v in zip(losses, values)}  # means over ranks
+        self.stop_signal = (self.signals.signal or signal.SIGTERM) if stop > 0 else None
+        bad = [k for k, v in terms.items() if not math.isfinite(v)]
+        if bad:
+            path = self.checkpoint(f"diagnostic_nan_step{st.step:08d}.pt")
+            raise TrainingError(f"non-finite loss at step {st.step} (epoch {st.epoch + 1}): "
+                                + ", ".join(f"{k}={terms[k]}" for k in bad) + f"; diagnostic checkpoint {path}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        st.step += 1
+        st.batch_in_epoch += 1
+        self.imgs_since += self.task.global_batch
+        if st.step % self.task.log_every == 0 or st.step == self.total:
+            self._log_step(terms, lrs[0])
+        if st.step % self.task.ckpt_every == 0:
+            self.checkpoint()
+
+    def after_step(self) -> None:
+        """Called after every optimiser step (a hook for tests that simulate a killed job)."""
+
+    def _log_step(self, terms: dict[str, float], lr: float) -> None:
+        now = time.perf_counter()
+        ips = self.imgs_since / max(now - self.t_last, 1e-9)
+        self.t_last, self.imgs_since = now, 0
+        mem = torch.cuda.max_memory_allocated() / 2**30 if self.dist.device.type == "cuda" else 0.0
+        self.log({"step": self.state.step, "epoch": self.state.epoch + 1, **{k: round(v, 6) for k, v in terms.items()},
+                  "lr": lr, "images_per_s": round(ips, 2), "peak_mem_gib": round(mem, 3)})
+        if self.prog is not None:
+            info = " ".join(f"{k}={v:.4f}" for k, v in terms.items()) + f" lr={lr:.1e} {ips:.1f} img/s"
+            self.prog.update(self.bar, completed=self.state.step, info=f"ep {self.state.epoch + 1} {info}")
+
+    def end_epoch(self) -> None:
+        """After a whole epoch (or the run's last step): evaluate when due, log, checkpoint."""
+        st = self.state
+        whole = st.batch_in_epoch >= self.sampler.batches_per_epoch
+        if whole:
+            st.epoch += 1
+            st.batch_in_epoch = 0
+        if (whole and self.task.eval_due(st.epoch)) or (st.step >= self.total and self.task.eval_due(0)):
+            with D.rng_isolated():
+                metrics = self.task.evaluate(self.model, self.dist)
+            self.log({"step": st.step, "epoch": st.epoch, **{f"val_{k}": v for k, v in metrics.items()}})
+            self.say(f"epoch {st.epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        self.checkpoint()
+
+    def interrupted(self) -> None:
+        path = self.checkpoint()
+        sig = self.stop_signal
+        raise TrainingInterrupted(f"stopped by signal {sig} ({signal.Signals(sig).name}) at step {self.state.step}; "
+                                  f"saved {path}. Run the same command again to continue from there", sig)
+
+    def log(self, rec: dict[str, Any]) -> None:
+        if self.main:
+            with open(self.run.log, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
-    ddp: nn.Module = model
-    wrapped_phase = None
-    prog = None
-    if main and progress:
-        from tkpbench.progress import make_progress
+    def checkpoint(self, tag: str | None = None) -> Path:
+        st = self.state
+        log_bytes = os.path.getsize(self.run.log) if self.main and self.run.log.is_file() else 0
+        return self.ckpt.save({
+            "task": self.task.name, "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+            "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch, "step": st.step, "config": self.cfg_dict,
+            "world": self.dist.world, "log_bytes": log_bytes,
+        }, st.step, tag)
 
-        prog = make_progress(transient=False)
-        prog.start()
-        bar = prog.add_task(task.name, total=total, completed=state.step, info="")
-    t_last, imgs_since = time.perf_counter(), 0
-    try:
-        while state.step < total:
-            changed = task.set_phase(model, state.epoch)
-            if dist.enabled and (wrapped_phase is None or changed):
-                ddp = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-                wrapped_phase = state.epoch
-            task.train_mode(model)
-            sampler.set_epoch(state.epoch, state.batch_in_epoch)
-            for batch in loader:
-                lrs = task.lr_factors(state.step, state.epoch)
-                for g, lr in zip(optimizer.param_groups, lrs):
-                    g["lr"] = lr
-                summed: torch.Tensor | None = None  # the loss terms, accumulated on the device
-                chunks = [tuple(x[i * micro:(i + 1) * micro] for x in batch) for i in range(accum)]
-                for i, mb in enumerate(chunks):
-                    sync = i == accum - 1 or not dist.enabled
-                    ctx = ddp.no_sync() if (dist.enabled and not sync) else contextlib.nullcontext()
-                    with ctx:
-                        with D.autocast(dist.device, task.amp):
-                            losses = task.loss(ddp, mb, dist.device)
-                        if state.step == nan_at:
-                            losses["loss"] = losses["loss"] * float("nan")
-                        (losses["loss"] / accum).backward()
-                    part = torch.stack([v.detach().float() for v in losses.values()]) / accum
-                    summed = part if summed is None else summed + part
-                # One all-reduce and one host sync per step: the terms summed over ranks (a NaN or inf
-                # on any rank stays non-finite, so every rank decides alike) and the stop flag.
-                flag = torch.tensor([float(stop.signal is not None)], device=dist.device)
-                *values, stop_flag = D.all_reduce_sum(torch.cat([summed, flag])).tolist()
-                terms = {k: v / dist.world for k, v in zip(losses, values)}  # means over ranks
-                any_stop = stop_flag > 0
-                bad = [k for k, v in terms.items() if not math.isfinite(v)]
-                if bad:
-                    path = checkpoint(f"diagnostic_nan_step{state.step:08d}.pt")
-                    raise TrainingError(
-                        f"non-finite loss at step {state.step} (epoch {state.epoch + 1}): "
-                        + ", ".join(f"{k}={terms[k]}" for k in bad) + f"; diagnostic checkpoint {path}"
-                    )
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                state.batch_in_epoch += 1
-                imgs_since += task.global_batch
-                if state.step % task.log_every == 0 or state.step == total:
-                    now = time.perf_counter()
-                    ips = imgs_since / max(now - t_last, 1e-9)
-                    t_last, imgs_since = now, 0
-                    mem = torch.cuda.max_memory_allocated() / 2**30 if dist.device.type == "cuda" else 0.0
-                    rec = {"step": state.step, "epoch": state.epoch + 1, **{k: round(v, 6) for k, v in terms.items()},
-                           "lr": lrs[0], "images_per_s": round(ips, 2), "peak_mem_gib": round(mem, 3)}
-                    log(rec)
-                    info = " ".join(f"{k}={v:.4f}" for k, v in terms.items()) + f" lr={lrs[0]:.1e} {ips:.1f} img/s"
-                    if prog is not None:
-                        prog.update(bar, completed=state.step, info=f"ep {state.epoch + 1} {info}")
-                if state.step % task.ckpt_every == 0:
-                    checkpoint()
-                if stop_after and state.step >= stop_after:
-                    checkpoint()
-                    return unwrap(model)
-                if any_stop:
-                    path = checkpoint()
-                    say(f"received signal {stop.signal}: saved {path}; run the same command to continue")
-                    return unwrap(model)
-                if state.step >= total:
-                    break
-            else:
-                state.epoch += 1
-                state.batch_in_epoch = 0
-                checkpoint()
-                if task.eval_due(state.epoch):
-                    metrics = task.evaluate(model, dist)
-                    log({"step": state.step, "epoch": state.epoch, **{f"val_{k}": v for k, v in metrics.items()}})
-                    say(f"epoch {state.epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-                continue
-            break
-        if state.batch_in_epoch:
-            checkpoint()
-    finally:
-        if prog is not None:
-            prog.stop()
-        for s, h in old.items():
-            signal.signal(s, h)
-    if main:
-        atomic_torch_save(run_dir / "final.pt", {"model": unwrap(model).state_dict(), "config": cfg_dict,
-                                                   "step": state.step, "task": task.name})
-    D.barrier()
-    return unwrap(model)
+    def save_final(self) -> None:
+        if self.main:
+            atomic_torch_save(self.run.final, {"format": CHECKPOINT_FORMAT, "model": unwrap(self.model).state_dict(),
+                                               "config": self.cfg_dict, "step": self.state.step,
+                                               "task": self.task.name})
+        D.barrier()
+
+
+def fit(task: Task, cfg_dict: dict[str, Any], run_dir: Path, dist: D.DistInfo, resume: str | None = "auto",
+        force: bool = False, progress: bool = True, config_text: str | None = None) -> nn.Module:
+    """Train ``task`` to the end under ``run_dir`` (see ``Trainer``); returns the unwrapped model.
+    Raises ``TrainingInterrupted`` after saving when a signal stops it."""
+    return Trainer(task, cfg_dict, run_dir, dist, resume, force, progress, config_text).fit()
 
 
 def fused_optimizer(params) -> bool | None:
     """``fused=`` for Adam/SGD: True on CUDA, where one fused kernel replaces the default's chain of
     multi-tensor (foreach) kernels; None (torch's default choice) elsewhere."""
     return True if all(p.is_cuda for p in params) else None
-
-
-def add_fit_args(p) -> None:
-    """The command-line options every training entry point shares."""
-    import argparse
-
-    p.add_argument("--resume", default="auto", help="'auto' (newest valid checkpoint), a checkpoint path, or 'no'")
-    p.add_argument("--force", action="store_true", help="resume even if the config differs")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--debug-nan-at", type=int, default=-1, help=argparse.SUPPRESS)
-
-
-def fit_from_args(task: Task, cfg, run_dir: Path, dist: D.DistInfo, args) -> nn.Module:
-    """``fit`` with the options of ``add_fit_args``; the resolved config goes to ``run_dir/config.toml``."""
-    from tkpbench.config import dumps
-
-    return fit(task, cfg.to_dict(), run_dir, dist, resume=None if args.resume == "no" else args.resume,
-               force=args.force, progress=not args.no_progress, stop_after=args.stop_after, nan_at=args.debug_nan_at,
-               config_text=dumps(cfg))
-
-
-def load_final(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / "final.pt"
-    if not path.is_file():
-        raise TrainingError(f"{path} does not exist; train the run first (python -m tkpbench.train --config ...)")
-    return torch.load(path, map_location="cpu", weights_only=False)
-

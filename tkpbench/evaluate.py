@@ -1,19 +1,29 @@
 """Score a folder of predicted masks against a split's ground truth.
 
+    python -m tkpbench.evaluate --run runs/topk_pce        # Table 1: pseudo masks before/after the CRF
     python -m tkpbench.evaluate --pred runs/topk_pce/pseudo/crf --split train --root data/VOCdevkit/VOC2012
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
 
+from tkpbench import cli
+from tkpbench.config import DataConfig
 from tkpbench.data.common import DatasetError, read_mask
+from tkpbench.data.transforms import build_dataset
 from tkpbench.metrics import ConfusionMatrix
+from tkpbench.records import StageRecord, per_class_dict, stamp, write_stage
+from tkpbench.runs import RunDir, chain_settings, model_digest, run_config
 
 
 def evaluate_folder(pred_dir: Path, ds, workers: int = 4) -> ConfusionMatrix:
@@ -34,8 +44,14 @@ def evaluate_folder(pred_dir: Path, ds, workers: int = 4) -> ConfusionMatrix:
             raise DatasetError(f"prediction {path} holds 255; predictions must be class indices < {ds.num_classes}")
         gt = ds.mask(i)
         if pred.shape != gt.shape:
-            raise DatasetError(f"prediction {path} is {pred.shape[1]}x{pred.shape[0]} but its ground truth is "
-                               f"{gt.shape[1]}x{gt.shape[0]}; predictions must have the image's own size")
+            with Image.open(ds.image_path(i)) as im:  # the header only: which of the two is wrong?
+                w, h = im.size
+            if gt.shape != (h, w):
+                raise DatasetError(f"ground-truth mask {ds.mask_path(i)} is {gt.shape[1]}x{gt.shape[0]} but its image "
+                                   f"{ds.image_path(i)} is {w}x{h}; the dataset's mask is damaged or from another "
+                                   "image (python -m tkpbench.data check finds all such files)")
+            raise DatasetError(f"prediction {path} is {pred.shape[1]}x{pred.shape[0]} but its image is "
+                               f"{w}x{h}; predictions must have the image's own size")
         return pred, gt
 
     with ThreadPoolExecutor(workers) as pool:
@@ -45,9 +61,6 @@ def evaluate_folder(pred_dir: Path, ds, workers: int = 4) -> ConfusionMatrix:
 
 
 def print_table(classes, columns: dict[str, np.ndarray], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(title=title)
     t.add_column("class")
     for name in columns:
@@ -58,45 +71,14 @@ def print_table(classes, columns: dict[str, np.ndarray], title: str) -> None:
     Console().print(t)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tkpbench.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pred", type=Path, required=True)
-    p.add_argument("--split", required=True)
-    p.add_argument("--dataset", default="voc", choices=["voc", "coco"])
-    p.add_argument("--root", required=True)
-    args = p.parse_args(argv)
-    from tkpbench.config import DataConfig
-    from tkpbench.data.transforms import build_dataset
-
-    try:
-        ds = build_dataset(DataConfig(dataset=args.dataset, root=args.root), args.split)
-        cm = evaluate_folder(args.pred, ds)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print_table(ds.classes, {"IoU %": cm.iou()}, f"{args.pred} on {args.split} ({len(ds)} images)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def score_pseudo_masks(run_dir: Path, cfg, results: Path = Path("results")) -> dict:
     """Table 1 / Table 4 mask column: mIoU of ``<run>/pseudo/masks`` (before CRF) and
     ``<run>/pseudo/crf`` (after CRF) on ``data.mask_split``; writes the "mask" record."""
-    import time
-    from dataclasses import asdict
-
-    from tkpbench.data.transforms import build_dataset
-    from tkpbench.records import StageRecord, model_digest, per_class_dict, stamp, write_stage
-
     t0 = time.perf_counter()
     ds = build_dataset(cfg.data, cfg.data.mask_split)
-    pseudo = Path(run_dir) / "pseudo"
-    cm = evaluate_folder(pseudo / "masks", ds)
-    cm_crf = evaluate_folder(pseudo / "crf", ds)
+    run = RunDir(run_dir)
+    cm = evaluate_folder(run.masks, ds)
+    cm_crf = evaluate_folder(run.crf, ds)
     rec = StageRecord(
         stage="mask", dataset=cfg.data.dataset, split=cfg.data.mask_split, miou=round(100 * cm.miou(), 3),
         per_class=per_class_dict(ds.classes, cm.iou()), num_images=len(ds), miou_crf=round(100 * cm_crf.miou(), 3),
@@ -106,7 +88,38 @@ def score_pseudo_masks(run_dir: Path, cfg, results: Path = Path("results")) -> d
                   "crf": asdict(cfg.crf), "tags": cfg.data.tags, "encoder": cfg.model.encoder,
                   "encoder_weights": cfg.model.weights or "random", "pooling": cfg.model.pooling, "k": cfg.model.k,
                   "pce": cfg.model.pce, "eps": cfg.model.eps, "alpha": cfg.model.alpha},
-        synthetic=cfg.synthetic, model_sha256=model_digest(Path(run_dir) / "final.pt"),
+        synthetic=cfg.synthetic, model_sha256=model_digest(run.final), settings=chain_settings("crf", cfg),
     )
     write_stage(results, Path(run_dir).name, stamp(rec, time.perf_counter() - t0), cfg.to_dict())
     return {"miou": cm.miou(), "miou_crf": cm_crf.miou(), "miou_all_background": cm.all_background_miou()}
+
+
+def _main(argv: list[str] | None = None) -> int:
+    p = cli.parser("tkpbench evaluate", __doc__, cli.config_options())
+    p.add_argument("--run", type=Path, default=None, help="score this run's pseudo masks (before and after the CRF) "
+                   "on data.mask_split and record them in RESULTS/<run>/summary.json")
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--pred", type=Path, default=None, help="or: a folder of <id>.png predictions to score")
+    p.add_argument("--split", default=None)
+    p.add_argument("--dataset", default="voc", choices=["voc", "coco"])
+    p.add_argument("--root", default=None)
+    args = p.parse_args(argv)
+    if args.run is not None:
+        r = score_pseudo_masks(args.run, run_config(args.run, args.config, args.overrides), args.results)
+        print(f"pseudo masks of {args.run}: mIoU {100 * r['miou']:.2f} (before CRF), {100 * r['miou_crf']:.2f} (after CRF)")
+        return 0
+    if args.pred is None or args.split is None or args.root is None:
+        p.error("give --run RUN, or --pred DIR --split SPLIT --root DATA_ROOT")
+    ds = build_dataset(DataConfig(dataset=args.dataset, root=args.root), args.split)
+    cm = evaluate_folder(args.pred, ds)
+    print_table(ds.classes, {"IoU %": cm.iou()}, f"{args.pred} on {args.split} ({len(ds)} images)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user error ends with one message and a non-zero exit (``tkpbench.cli.guard``)."""
+    return cli.guard(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

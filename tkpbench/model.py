@@ -1,5 +1,8 @@
 """TKP-PCL: encoder -> HV-BiLSTM -> dropout -> bias-free linear -> softmax -> pooling.
 
+Also the step from patch predictions to masks that training's evaluation, the pseudo-mask stage
+and ``predict`` share (``patch_masks``: the ViT-PCM tag merge, then upsampling).
+
 Eq. 1: Z = softmax(F_out W); Sec. 3.2: y_c = top-K mean of Z^c; Eq. 2: MCE; Eq. 6:
 L = MCE + alpha * sum_c PCE^c (PCE of Eq. 3-5 in ``tkpbench.pce``).
 """
@@ -16,7 +19,7 @@ from tkpbench.config import ModelConfig
 from tkpbench.encoder import PatchEncoder
 from tkpbench.hv_bilstm import HVBiLSTM
 from tkpbench.pce import patch_contrastive_error
-from tkpbench.pooling import pool
+from tkpbench.pooling import Pooling
 
 
 @dataclass
@@ -35,6 +38,7 @@ class TKPPCL(nn.Module):
         self.hv_bilstm = HVBiLSTM(self.encoder.embed_dim, cfg.hidden, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(self.hv_bilstm.out_dim, cfg.num_classes, bias=False)
+        self.pooling = Pooling(cfg.pooling, cfg.k)
 
     def forward(self, x: Tensor) -> TKPOutput:
         """x: (B, 3, H, W) normalised images, H and W multiples of the patch size."""
@@ -43,7 +47,7 @@ class TKPPCL(nn.Module):
         f_out = self.hv_bilstm(tokens.reshape(b, h, w, -1)).reshape(b, h * w, -1)  # (B, S, 4*hidden)
         logits = self.classifier(self.dropout(f_out))
         z = logits.float().softmax(dim=-1)  # softmax in fp32 even under autocast
-        y = pool(z, self.cfg.pooling, self.cfg.k)
+        y = self.pooling(z)
         return TKPOutput(z=z, y=y, features=f_out, grid=(h, w))
 
     def trainable_head_parameters(self) -> list[nn.Parameter]:
@@ -86,3 +90,14 @@ def merge_with_tags(z: Tensor, tags: Tensor) -> Tensor:
     peak = m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
     m = m / peak * t
     return m / m.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def patch_masks(z: Tensor, grid: tuple[int, int], tags: Tensor, size: tuple[int, int],
+                return_probs: bool = False):
+    """z: (B, S, C) patch scores -> merged (B, C, h, w) -> bilinear to ``size`` -> argmax (B, H, W).
+    With ``return_probs`` also the upsampled merged probabilities (B, C, H, W)."""
+    b, s, c = z.shape
+    maps = z.float().transpose(1, 2).reshape(b, c, *grid)
+    merged = merge_with_tags(maps, tags)
+    up = F.interpolate(merged, size=size, mode="bilinear", align_corners=False)
+    return (up.argmax(1), up) if return_probs else up.argmax(1)

@@ -6,38 +6,66 @@
     python -m tkpbench.pipeline sweep      # Fig. 4: k and eps sweeps (pseudo-mask mIoU)
     python -m tkpbench.pipeline demo       # everything on generated data, small models, CPU
 
+    python -m tkpbench.pipeline ablation --seeds 0,1,2   # every variant with three training seeds
+
 Stages: check data -> train -> pseudo masks -> CRF -> mask mIoU (Table 1) -> DeepLab train ->
-DeepLab eval (Tables 2/3) -> report. A finished stage is recognised by its output (final.pt, a
-DONE marker, a record in results/<run>/summary.json) and skipped, so re-running the same command
-after a crash costs only the unfinished stage. Markers and records carry the sha256 of the
-final.pt they came from: a record of another model is measured again; a finished run trained with
-another config, or a marker of another model, stops the chain with the fix. Missing data stops
-before any training.
+DeepLab eval (Tables 2/3) -> report. Each stage runs as its own process on the requested config
+(the file and every ``--set``). A finished stage is recognised by its DONE marker or record,
+which carry the sha256 of the final.pt they came from and the settings they were made with
+(``tkpbench.runs.STAGE_KEYS``): re-running the same command after a crash costs only the
+unfinished stage; a changed ``pseudo.*``, ``crf.*`` or ``seg.*`` value redoes that stage and
+every stage after it (the differing keys are printed). A finished run trained with another
+config stops the chain with the fix. Missing data stops before any training. Ctrl-C or SIGTERM
+reaches the running stage, which saves what it has; the pipeline exits non-zero and the same
+command continues.
+
+Seeds: ``--seeds 0,1,2`` runs the chain once per training seed, each in its own run folder
+``<name>-s<seed>`` with its own record; re-running with more seeds reuses the finished ones.
 Training, pseudo masks and DeepLab run under torchrun over all visible GPUs (one process on CPU).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+
+from tkpbench import cli
 from tkpbench.config import Config, diff_configs, load_config
-from tkpbench.io import atomic_write_json
-from tkpbench.records import load_summary, model_digest
+from tkpbench.data.check import check_dataset
+from tkpbench.data.synth import make_synthetic
+from tkpbench.errors import Interrupted, UserError
+from tkpbench.records import load_summary
+from tkpbench.runs import (
+    RunDir,
+    chain_settings,
+    claim_outputs,
+    model_digest,
+    read_marker,
+    settings_diff,
+    training_view,
+    write_marker,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = REPO / "baselines"
 SWEEP_K = [1, 2, 4, 6, 8, 12]
 SWEEP_EPS = [0.75, 0.8, 0.85, 0.9, 0.95]
+# default training seeds of each target (what one more seed costs: README, "Seeds")
+DEFAULT_SEEDS = {"voc": [0], "coco": [0], "ablation": [0], "sweep": [0], "demo": [0, 1, 2]}
 
 
-class PipelineError(RuntimeError):
-    pass
+class PipelineError(UserError, RuntimeError):
+    """A chain that cannot start or go on (the message names the stage and the fix)."""
+
+
+class PipelineInterrupted(Interrupted, PipelineError):
+    """A stage stopped by a signal after saving; the same command continues."""
 
 
 def _launcher(nproc: int) -> list[str]:
@@ -47,57 +75,70 @@ def _launcher(nproc: int) -> list[str]:
 
 
 def _run(cmd: list[str], log) -> None:
+    """Run one stage; SIGINT/SIGTERM sent to the pipeline are passed on to the stage, which saves
+    what it has and exits, and then the pipeline stops with a non-zero exit."""
     log("$ " + " ".join(cmd))
-    r = subprocess.run(cmd, cwd=os.getcwd())
-    if r.returncode:
-        raise PipelineError(f"stage failed (exit {r.returncode}): {' '.join(cmd)}\nRe-run the same command to continue from here.")
+    proc = subprocess.Popen(cmd, cwd=os.getcwd())
+    got: list[int] = []
 
+    def forward(signum, frame) -> None:
+        got.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
 
-def has_stage(results: Path, run: str, stage: str, model: str) -> bool:
-    """Whether ``results/<run>/summary.json`` holds ``stage`` measured on the model whose
-    ``model_digest`` is ``model``: a record of another model (retrained, or committed from elsewhere) is redone."""
-    path = results / run / "summary.json"
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        rec = load_summary(path)["stages"].get(stage)
+        rc = proc.wait()
+        while proc.poll() is None:
+            rc = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if got or rc in (130, 143, -signal.SIGINT, -signal.SIGTERM):
+        sig = got[0] if got else (signal.SIGINT if rc in (130, -signal.SIGINT) else signal.SIGTERM)
+        raise PipelineInterrupted(f"stopped by signal {int(sig)} during: {' '.join(cmd)}\nWhat was finished is "
+                                  "kept; run the same command again to continue.", int(sig))
+    if rc:
+        raise PipelineError(f"stage failed (exit {rc}): {' '.join(cmd)}\nRe-run the same command to continue from here.")
+
+
+def has_stage(results: Path, run: str, stage: str, model: str, settings: dict) -> bool:
+    """Whether ``results/<run>/summary.json`` holds ``stage`` measured on the model ``model`` (a
+    ``model_digest``) with these ``settings``: a record of another model or settings is redone."""
+    try:
+        rec = load_summary(results / run / "summary.json")["stages"].get(stage)
     except (ValueError, FileNotFoundError):
         return False
-    return rec is not None and rec.get("model_sha256") == model
+    return rec is not None and rec.get("model_sha256") == model and rec.get("settings") == settings
 
 
-def check_same_config(cfg: Config, run_dir: Path) -> None:
-    """A finished run is reused only for the config it was trained with (the keys a resume must
-    match); otherwise stop and show the differing keys."""
-    from tkpbench.train import TKPTask
-
-    trained = run_dir / "config.toml"
-    if not trained.is_file():
+def check_same_config(cfg: Config, run: RunDir) -> None:
+    """A finished run is reused only for the config it was trained with; otherwise stop and show the keys."""
+    if not run.config.is_file():
         return
-    task = TKPTask(cfg)
-    diff = diff_configs(task.resume_view(load_config(trained).to_dict()), task.resume_view(cfg.to_dict()))
+    diff = diff_configs(training_view(load_config(run.config).to_dict()), training_view(cfg.to_dict()))
     if diff:
         raise PipelineError(
-            f"{run_dir}/final.pt was trained with another config (trained -> requested):\n  " + "\n  ".join(diff)
-            + f"\nFix: give this config its own run (--set name=...), or remove {run_dir} to train it again")
+            f"{run.final} was trained with another config (trained -> requested):\n  " + "\n  ".join(diff)
+            + f"\nFix: give this config its own run (--set name=...), or remove {run.root} to train it again")
 
 
-def stage_done(marker: Path, model: str) -> bool:
-    """Whether a stage's DONE marker exists for the model ``model`` (a ``model_digest``). A marker made
-    from another final.pt stops the chain: what follows it would mix two models."""
-    if not marker.is_file():
+def stage_done(marker: Path, model: str, settings: dict, log) -> bool:
+    """Whether a stage's DONE marker exists for ``model`` and ``settings``. A marker of another
+    model or other settings is removed (the stage's own files are replaced when it runs again)."""
+    have = read_marker(marker)
+    if have is None:
         return False
-    made_from = json.loads(marker.read_text()).get("model_sha256")
-    if made_from not in (None, model):  # None: written before markers carried digests
-        run_dir = marker.parents[1]
-        raise PipelineError(
-            f"{marker} was made from another {run_dir}/final.pt (sha256 {made_from}, now {model}): its pseudo "
-            f"masks, CRF masks and DeepLab model are stale. Fix: remove {run_dir}/pseudo and {run_dir}/seg, "
-            "then run the same command again")
-    return True
+    if have.get("model_sha256") == model and have.get("settings") == settings:
+        return True
+    why = ([f"final.pt: {have.get('model_sha256')} -> {model}"] if have.get("model_sha256") != model else []) \
+        + settings_diff(have.get("settings") or {}, settings)
+    log(f"[redo] {marker.name}: made with other settings ({'; '.join(why)})")
+    marker.unlink(missing_ok=True)
+    return False
 
 
 def check_data(cfg: Config, log) -> None:
-    from tkpbench.data.check import check_dataset
-
     splits = sorted({cfg.data.train_split, cfg.data.val_split, cfg.data.mask_split, cfg.data.seg_train_split})
     ok, lines = check_dataset(cfg.data.dataset, cfg.data.root, splits)
     for what, key, path in (("encoder", "model.weights", cfg.model.weights),
@@ -119,49 +160,52 @@ def run_chain(cfg_path: Path, overrides: list[str], runs: Path, results: Path, n
     """All stages for one config. Returns the run name."""
     cfg = load_config(cfg_path, overrides)
     name = cfg.name
-    run_dir = runs / name
+    run = RunDir(runs / name)
     check_data(cfg, log)
-    sets = [x for ov in overrides for x in ("--set", ov)]
+    conf = ["--config", str(cfg_path), *[x for ov in overrides for x in ("--set", ov)]]
     common = ["--no-progress"] if not sys.stdout.isatty() else []
-    if not (run_dir / "final.pt").is_file():
-        _run(_launcher(nproc) + ["tkpbench.train", "--config", str(cfg_path), *sets, "--runs", str(runs), *common], log)
+    if not run.final.is_file():
+        _run(_launcher(nproc) + ["tkpbench.train", *conf, "--runs", str(runs), *common], log)
     else:
-        check_same_config(cfg, run_dir)
-        log(f"[skip] train: {run_dir}/final.pt exists")
-    model = model_digest(run_dir / "final.pt")
+        check_same_config(cfg, run)
+        log(f"[skip] train: {run.final} exists")
+    model = model_digest(run.final)
+    pseudo_set, crf_set = chain_settings("pseudo", cfg), chain_settings("crf", cfg)
     splits = list(dict.fromkeys([cfg.data.seg_train_split if seg else cfg.data.mask_split, cfg.data.mask_split]))
     for split in splits:
-        marker = run_dir / "pseudo" / f"DONE_pseudo_{split}.json"
-        if not stage_done(marker, model):
-            _run(_launcher(nproc) + ["tkpbench.pseudo", "--run", str(run_dir), "--split", split, *common], log)
-            atomic_write_json(marker, {"split": split, "time": time.time(), "model_sha256": model})
+        marker = run.marker("pseudo", split)
+        if not stage_done(marker, model, pseudo_set, log):
+            run.marker("crf", split).unlink(missing_ok=True)
+            _run(_launcher(nproc) + ["tkpbench.pseudo", "--run", str(run.root), "--split", split, *conf, *common], log)
+            write_marker(marker, model, pseudo_set, split=split, time=time.time())
         else:
             log(f"[skip] pseudo masks {split}")
-        marker = run_dir / "pseudo" / f"DONE_crf_{split}.json"
-        if not stage_done(marker, model):
-            _run([sys.executable, "-m", "tkpbench.crf", "--run", str(run_dir), "--split", split, *common], log)
-            atomic_write_json(marker, {"split": split, "time": time.time(), "model_sha256": model})
+        marker = run.marker("crf", split)
+        if not stage_done(marker, model, crf_set, log):
+            _run([sys.executable, "-m", "tkpbench.crf", "--run", str(run.root), "--split", split, *conf, *common], log)
+            write_marker(marker, model, crf_set, split=split, time=time.time())
         else:
             log(f"[skip] CRF {split}")
-    if not has_stage(results, name, "mask", model):
-        from tkpbench.evaluate import score_pseudo_masks
-        from tkpbench.pseudo import run_config
-
-        r = score_pseudo_masks(run_dir, run_config(run_dir), results)
-        log(f"pseudo masks on {cfg.data.mask_split}: mIoU {100 * r['miou']:.2f} (before CRF), {100 * r['miou_crf']:.2f} (after CRF)")
+    if not has_stage(results, name, "mask", model, crf_set):
+        _run([sys.executable, "-m", "tkpbench.evaluate", "--run", str(run.root), "--results", str(results), *conf], log)
     else:
         log(f"[skip] mask mIoU: recorded for this final.pt in {results / name / 'summary.json'}")
     if seg:
-        seg_final = run_dir / "seg" / "final.pt"
-        marker = run_dir / "seg" / "DONE_seg_train.json"  # model: the TKP-PCL run whose pseudo masks it learned
-        # a final.pt without a marker was trained before markers existed: kept
-        if seg_final.is_file() and (not marker.is_file() or stage_done(marker, model)):
+        seg_set = chain_settings("seg", cfg)
+        if run.seg.final.is_file() and stage_done(run.marker("seg"), model, seg_set, log):
             log("[skip] DeepLab train")
         else:
-            _run(_launcher(nproc) + ["tkpbench.segment", "train", "--run", str(run_dir), *common], log)
-            atomic_write_json(marker, {"time": time.time(), "model_sha256": model})
-        if not has_stage(results, name, "seg", model_digest(seg_final)):
-            _run(_launcher(nproc) + ["tkpbench.segment", "eval", "--run", str(run_dir), "--results", str(results), *common], log)
+            # a DeepLab folder (finished or partial) trained on other pseudo masks or settings is removed;
+            # a partial one of the same model and settings resumes
+            stale = claim_outputs(run.root, model, seg_set, ("seg",))
+            if stale:
+                log(f"[redo] DeepLab: removed {run.seg.root} ({'; '.join(stale)})")
+            _run(_launcher(nproc) + ["tkpbench.segment", "train", "--run", str(run.root), *conf, *common], log)
+            write_marker(run.marker("seg"), model, seg_set, time=time.time())
+        eval_set = chain_settings("seg_eval", cfg)
+        if not has_stage(results, name, "seg", model_digest(run.seg.final), eval_set):
+            _run(_launcher(nproc) + ["tkpbench.segment", "eval", "--run", str(run.root), "--results", str(results),
+                                     *conf, *common], log)
         else:
             log("[skip] DeepLab eval")
     return name
@@ -181,60 +225,81 @@ def sweep_configs(base: Path, out_dir: Path) -> list[Path]:
     return out
 
 
-def nproc_default() -> int:
-    import torch
+def seeded(chains: list[tuple[Path, list[str]]], seeds: list[int], single_name: bool) -> list[tuple[Path, list[str]]]:
+    """Each chain once per seed: ``train.seed=S`` and the run ``<name>-s<S>``. ``single_name``: a
+    target run with only seed 0 keeps its plain name (the runs of earlier versions stay valid)."""
+    out = []
+    for path, ov in chains:
+        if single_name and seeds == [0]:
+            out.append((path, ov))
+            continue
+        base = load_config(path, ov).name
+        out += [(path, [*ov, f"train.seed={s}", f"name={base}-s{s}"]) for s in seeds]
+    return out
 
-    return max(torch.cuda.device_count(), 1)
+
+def parse_seeds(text: str | None, target: str) -> list[int]:
+    if not text:
+        return list(DEFAULT_SEEDS[target])
+    try:
+        seeds = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise PipelineError(f"--seeds {text!r}: expected comma-separated whole numbers, e.g. --seeds 0,1,2") from None
+    if not seeds or min(seeds) < 0:
+        raise PipelineError(f"--seeds {text!r}: give at least one seed >= 0, e.g. --seeds 0,1,2")
+    return seeds
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tkpbench.pipeline", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def _main(argv: list[str] | None = None) -> int:
+    p = cli.parser("tkpbench reproduce", __doc__)
     p.add_argument("target", choices=["voc", "coco", "ablation", "sweep", "demo"])
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override for every run, e.g. --set data.root=/data/VOCdevkit/VOC2012")
+    p.add_argument("--seeds", default=os.environ.get("SEEDS") or None,
+                   help="training seeds, e.g. 0,1,2 (default per target: " +
+                   ", ".join(f"{k} {','.join(map(str, v))}" for k, v in DEFAULT_SEEDS.items()) + "; env SEEDS)")
     p.add_argument("--runs", type=Path, default=Path("runs"))
     p.add_argument("--results", type=Path, default=Path("results"))
     p.add_argument("--nproc", type=int, default=None, help="processes (default: number of GPUs, or 1)")
     p.add_argument("--demo-data", type=Path, default=Path("data/demo"))
     args = p.parse_args(argv)
-    nproc = args.nproc or nproc_default()
+    nproc = args.nproc or max(torch.cuda.device_count(), 1)
+    seeds = parse_seeds(args.seeds, args.target)
     ov = args.overrides
     t0 = time.perf_counter()
-    try:
-        if args.target == "demo":
-            if not (args.demo_data / "SYNTHETIC.json").is_file():
-                from tkpbench.data.synth import make_synthetic
-
-                print(f"generating demo data in {args.demo_data}")
-                make_synthetic(args.demo_data, n=200, seed=0)
-            demo_cfg = REPO / "configs" / "demo.toml"
-            root = ["data.root=" + str(args.demo_data / "VOC2012")]
-            run_chain(demo_cfg, root + ov, args.runs, args.results, 1)
-            run_chain(demo_cfg, root + ["name=demo_max", "model.pooling=max", "model.pce=false"] + ov,
-                      args.runs, args.results, 1)
-        elif args.target == "voc":
-            run_chain(BASELINES / "topk_pce.toml", ["data.dataset=voc"] + ov, args.runs, args.results, nproc)
-        elif args.target == "coco":
-            coco = ["data.root=data/coco", "data.dataset=coco", "model.num_classes=81", "data.train_split=train2014", "data.val_split=val2014",
-                    "data.mask_split=train2014", "data.seg_train_split=train2014", "name=coco_topk_pce"]
-            run_chain(BASELINES / "topk_pce.toml", coco + ov, args.runs, args.results, nproc)
-        elif args.target == "ablation":
-            for name in ("avg", "vit_pcm_max", "topk", "topk_pce"):
-                run_chain(BASELINES / f"{name}.toml", ov, args.runs, args.results, nproc)
-        elif args.target == "sweep":
-            cfg_dir = args.runs / "sweep_configs"
-            cfg_dir.mkdir(parents=True, exist_ok=True)
-            for c in sweep_configs(BASELINES / "topk_pce.toml", cfg_dir):
-                run_chain(c, ov, args.runs, args.results, nproc, seg=False)
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from tkpbench.report import main as report_main
-
-    report_main([str(args.results)])
+    seg = True
+    if args.target == "demo":
+        if not (args.demo_data / "SYNTHETIC.json").is_file():
+            print(f"generating demo data in {args.demo_data}")
+            make_synthetic(args.demo_data, n=200, seed=0)
+        demo_cfg = REPO / "configs" / "demo.toml"
+        root = ["data.root=" + str(args.demo_data / "VOC2012")]
+        chains = [(demo_cfg, root + ov), (demo_cfg, root + ["name=demo_max", "model.pooling=max", "model.pce=false"] + ov)]
+        nproc = 1
+    elif args.target == "voc":
+        chains = [(BASELINES / "topk_pce.toml", ["data.dataset=voc"] + ov)]
+    elif args.target == "coco":
+        chains = [(BASELINES / "topk_pce.toml", [
+            "data.root=data/coco", "data.dataset=coco", "model.num_classes=81", "data.train_split=train2014",
+            "data.val_split=val2014", "data.mask_split=train2014", "data.seg_train_split=train2014",
+            "name=coco_topk_pce"] + ov)]
+    elif args.target == "ablation":
+        chains = [(BASELINES / f"{name}.toml", ov) for name in ("avg", "vit_pcm_max", "topk", "topk_pce")]
+    else:
+        cfg_dir = args.runs / "sweep_configs"
+        cfg_dir.mkdir(parents=True, exist_ok=True)
+        chains = [(c, ov) for c in sweep_configs(BASELINES / "topk_pce.toml", cfg_dir)]
+        seg = False
+    for path, chain_ov in seeded(chains, seeds, single_name=args.target != "demo"):
+        run_chain(path, chain_ov, args.runs, args.results, nproc, seg=seg)
+    _run([sys.executable, "-m", "tkpbench.report", str(args.results)], lambda *_: None)
     print(f"{args.target}: finished in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user error ends with one message and a non-zero exit (``tkpbench.cli.guard``)."""
+    return cli.guard(_main, argv)
 
 
 if __name__ == "__main__":

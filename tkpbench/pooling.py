@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from torch import Tensor
+from torch import Tensor, nn
 
 PoolKind = Literal["avg", "max", "topk"]
 
@@ -52,3 +52,22 @@ def pool(scores: Tensor, kind: PoolKind, k: int = 6) -> Tensor:
     if kind == "avg":
         return avg_pool(scores)
     raise ValueError(f"unknown pooling kind {kind!r}; expected one of 'avg', 'max', 'topk'")
+
+
+class Pooling(nn.Module):
+    """Patch-to-image pooling chosen at construction, so ``print(model)`` shows the paper's choice
+    (as timm's ``SelectAdaptivePool2d``). scores: (B, S, C) -> (B, C)."""
+
+    def __init__(self, kind: PoolKind = "topk", k: int = 6) -> None:
+        super().__init__()
+        if kind not in ("avg", "max", "topk"):
+            raise ValueError(f"unknown pooling kind {kind!r}; expected one of 'avg', 'max', 'topk'")
+        if kind == "topk" and k < 1:
+            raise ValueError(f"top-K pooling needs k >= 1, got {k}")
+        self.kind, self.k = kind, k
+
+    def forward(self, scores: Tensor) -> Tensor:
+        return pool(scores, self.kind, self.k)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}" + (f", k={self.k}" if self.kind == "topk" else "")

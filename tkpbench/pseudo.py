@@ -14,8 +14,6 @@ the image's own size and arg-maxed. Outputs, one file per image id, atomic, skip
 
 from __future__ import annotations
 
-import argparse
-import io
 import sys
 import time
 from collections import deque
@@ -27,40 +25,34 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from tkpbench import cli
 from tkpbench import distributed as D
-from tkpbench.config import Config, apply_overrides, config_from_dict, load_config
+from tkpbench.config import Config, config_from_dict
 from tkpbench.data.common import save_mask
 from tkpbench.data.transforms import build_dataset
-from tkpbench.engine import load_final
-from tkpbench.io import atomic_write_bytes
-from tkpbench.model import TKPPCL
-from tkpbench.train import patch_masks
+from tkpbench.model import TKPPCL, patch_masks
+from tkpbench.progress import track
+from tkpbench.runs import (
+    RunDir,
+    claim_outputs,
+    load_final,
+    load_probs,
+    model_digest,
+    png_ok,
+    run_config,
+    save_probs,
+    stage_settings,
+)
 
 
-def load_probs(path: Path, num_classes: int) -> np.ndarray:
-    """float32 (C, H, W) from a probs .npz (absent classes are 0). Raises ValueError when damaged."""
-    with np.load(path) as f:
-        probs, classes = f["probs"], f["classes"]
-    if probs.ndim != 3 or probs.shape[0] != len(classes) or (len(classes) and classes.max() >= num_classes):
-        raise ValueError(f"{path}: malformed probabilities")
-    full = np.zeros((num_classes, *probs.shape[1:]), dtype=np.float32)
-    full[classes] = probs.astype(np.float32)
-    return full
-
-
-def save_probs(path: Path, probs: np.ndarray, classes: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.savez_compressed(buf, probs=probs.astype(np.float16), classes=classes.astype(np.int16))
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def is_done(out: Path, image_id: str, num_classes: int, need_probs: bool) -> bool:
-    if not (out / "masks" / f"{image_id}.png").is_file():
+def is_done(run: RunDir, image_id: str, num_classes: int, need_probs: bool) -> bool:
+    """Whether an image's outputs are whole: a truncated PNG or a damaged .npz is recomputed."""
+    if not png_ok(run.masks / f"{image_id}.png"):
         return False
     if not need_probs:
         return True
     try:  # a probabilities file that fails to load is recomputed, not trusted
-        load_probs(out / "probs" / f"{image_id}.npz", num_classes)
+        load_probs(run.probs / f"{image_id}.npz", num_classes)
         return True
     except Exception:
         return False
@@ -82,13 +74,8 @@ class _InferSet(Dataset):
         return x, torch.from_numpy(np.asarray(self.base.tags(i))), i, torch.tensor([h, w])
 
 
-def run_config(run_dir: Path, config: Path | None = None, overrides: list[str] | None = None) -> Config:
-    """The run's own config (from final.pt), or ``config``, with ``overrides`` applied."""
-    cfg = load_config(config) if config else config_from_dict(load_final(run_dir)["config"], f"{run_dir}/final.pt")
-    return apply_overrides(cfg, overrides or [])
-
-
 def load_run(run_dir: Path) -> tuple[Config, TKPPCL]:
+    """The trained model of a run folder (eval mode, on the CPU) and the config it was trained with."""
     ck = load_final(run_dir)
     cfg = config_from_dict(ck["config"], f"{run_dir}/final.pt")
     cfg.model.weights = ""  # the run's own weights follow
@@ -104,11 +91,17 @@ def generate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
     cfg = cfg or run_cfg
     model = model.to(dist.device)
     base = build_dataset(cfg.data, split)
-    out = Path(run_dir) / "pseudo"
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    (out / "probs").mkdir(parents=True, exist_ok=True)
+    run = RunDir(run_dir)
+    if dist.is_main:  # outputs of another final.pt or other settings (a resumed stage) are removed, never mixed
+        stale = claim_outputs(run.pseudo, model_digest(run.final), stage_settings("pseudo", cfg), ("masks", "probs"))
+        if stale:
+            print(f"pseudo masks in {run.pseudo} were made from another model or settings ({'; '.join(stale)}): "
+                  "made again")
+    D.barrier()
+    run.masks.mkdir(parents=True, exist_ok=True)
+    run.probs.mkdir(parents=True, exist_ok=True)
     mine = D.shard_indices(len(base), dist.rank, dist.world)
-    todo = [i for i in mine if not is_done(out, base.ids[i], base.num_classes, cfg.pseudo.save_probs)]
+    todo = [i for i in mine if not is_done(run, base.ids[i], base.num_classes, cfg.pseudo.save_probs)]
     if not todo:
         return 0
     enc = model.encoder
@@ -119,11 +112,9 @@ def generate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
     pending: deque = deque()
 
     def write(image_id: str, mask: np.ndarray, probs: np.ndarray | None, classes: np.ndarray) -> None:
-        save_mask(out / "masks" / f"{image_id}.png", mask)
+        save_mask(run.masks / f"{image_id}.png", mask)
         if probs is not None:
-            save_probs(out / "probs" / f"{image_id}.npz", probs, classes)
-
-    from tkpbench.progress import track
+            save_probs(run.probs / f"{image_id}.npz", probs, classes)
 
     for x, tags, idx, hw in track(loader, total=len(loader), description=f"pseudo masks {split}",
                                   enabled=progress and dist.is_main):
@@ -147,19 +138,14 @@ def generate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
     return len(todo)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tkpbench.pseudo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def _main(argv: list[str] | None = None) -> int:
+    p = cli.parser("tkpbench pseudo", __doc__, cli.config_options())
     p.add_argument("--run", type=Path, required=True, help="run folder holding final.pt (e.g. runs/topk_pce)")
     p.add_argument("--split", default=None, help="default: data.seg_train_split of the run's config")
-    p.add_argument("--config", type=Path, default=None, help="override the run's data/pseudo settings")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    cfg = run_config(args.run, args.config, args.overrides)
     dist = D.setup(args.device)
     try:
-        cfg = run_config(args.run, args.config, args.overrides)
         split = args.split or cfg.data.seg_train_split
         t = time.perf_counter()
         n = generate(args.run, split, dist, cfg, progress=not args.no_progress)
@@ -170,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         D.cleanup()
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user error ends with one message and a non-zero exit (``tkpbench.cli.guard``)."""
+    return cli.guard(_main, argv)
 
 
 if __name__ == "__main__":

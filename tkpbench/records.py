@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tkpbench.io import atomic_write_json, file_digest
+import torch
+
+from tkpbench.io import atomic_write_json
 
 SCHEMA_VERSION = 1
 
@@ -42,6 +44,10 @@ class StageRecord:
     # sha256 (16 hex) of the weights measured: runs/<run>/final.pt ("mask") or runs/<run>/seg/final.pt
     # ("seg"). The pipeline reuses a record only for the model it measured, never for a retrained one.
     model_sha256: str = ""
+    # the config values the measured outputs depend on (tkpbench.runs.STAGE_KEYS); a change re-measures
+    settings: dict[str, Any] = field(default_factory=dict)
+    # per-image intersection/union counts beside the record (tkpbench.stats), relative to summary.json
+    counts_file: str = ""
 
 
 def git_commit() -> str:
@@ -57,7 +63,6 @@ def git_commit() -> str:
 
 
 def device_name() -> str:
-    import torch
 
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
@@ -93,11 +98,6 @@ def load_summary(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("schema") != SCHEMA_VERSION or "stages" not in data:
         raise ValueError(f"{path}: expected a tkpbench summary with schema {SCHEMA_VERSION} and 'stages'")
     return data
-
-
-def model_digest(weights: Path) -> str:
-    """The ``model_sha256`` of a weights file."""
-    return file_digest(weights)[:16]
 
 
 def per_class_dict(classes, iou) -> dict[str, float]:

@@ -16,6 +16,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from tkpbench.config import config_from_dict
+from tkpbench.data.common import read_mask, voc_palette
+from tkpbench.data.transforms import build_dataset
 from tkpbench.io import atomic_write_text
 from tkpbench.records import load_summary
 
@@ -185,8 +193,6 @@ def to_markdown(tables) -> str:
 
 
 def print_tables(tables) -> None:
-    from rich.console import Console
-    from rich.table import Table
 
     con = Console()
     for title, header, rows, _ in tables:
@@ -206,6 +212,7 @@ def fig4_sweep(runs: list[dict], out: Path) -> Path | None:
                 if s["run"].startswith("sweep_eps") and "mask" in s["stages"])
     if not ks and not es:
         return None
+    # lazy: matplotlib.pyplot takes about 0.4 s to import (measured, -X importtime); only figures need it
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,10 +236,7 @@ def fig4_sweep(runs: list[dict], out: Path) -> Path | None:
 
 def fig5_grid(images, gts, preds_a, preds_b, out: Path, titles=("image", "ground truth", "ViT-PCM max", "TKP-PCL")) -> Path:
     """Fig. 5 style grid: one row per image, columns image | GT | baseline | TKP-PCL (palette colours)."""
-    import numpy as np
-    from PIL import Image
 
-    from tkpbench.data.common import voc_palette
 
     pal = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
     ch, cw = 160, 240  # every cell the same size, each picture fitted inside it (columns stay aligned)
@@ -259,9 +263,6 @@ def fig5_grid(images, gts, preds_a, preds_b, out: Path, titles=("image", "ground
 
 def fig5_from_runs(results: Path, runs_dir: Path, baseline: str, ours: str, n: int = 4) -> Path | None:
     """Fig. 5 from two runs' pseudo masks (after CRF) on their mask split."""
-    from tkpbench.config import config_from_dict
-    from tkpbench.data.common import read_mask
-    from tkpbench.data.transforms import build_dataset
 
     a_dir, b_dir = runs_dir / baseline / "pseudo" / "crf", runs_dir / ours / "pseudo" / "crf"
     summ = results / ours / "summary.json"

@@ -12,7 +12,6 @@ ASPP), poly 0.9, weight decay 5e-4, batch 10, crop 321 with random scale 0.5-1.5
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from functools import cached_property
@@ -25,20 +24,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from tkpbench import cli
 from tkpbench import distributed as D
-from tkpbench.config import Config
+from tkpbench.config import Config, config_from_dict, dumps
+from tkpbench.crf import dense_crf
 from tkpbench.data.transforms import EvalSet, PseudoMaskSet, build_dataset, eval_transform, seg_train_transform
 from tkpbench.deeplab import DeepLabV2
-from tkpbench.engine import Task, TrainingError, add_fit_args, fit_from_args, fused_optimizer, load_final, unwrap
+from tkpbench.engine import Task, fit, fused_optimizer, unwrap
 from tkpbench.metrics import ConfusionMatrix
-from tkpbench.records import StageRecord, model_digest, per_class_dict, stamp, write_stage
+from tkpbench.progress import track
+from tkpbench.records import StageRecord, per_class_dict, stamp, write_stage
+from tkpbench.runs import RunDir, chain_settings, load_final, model_digest, run_config
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def pseudo_mask_dir(run_dir: Path, cfg: Config) -> Path:
-    return Path(run_dir) / "pseudo" / ("crf" if cfg.seg.use_crf_masks else "masks")
+    return RunDir(run_dir).mask_dir(cfg.seg.use_crf_masks)
 
 
 class SegTask(Task):
@@ -133,9 +136,8 @@ def evaluate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
              results: Path = Path("results")) -> dict[str, float]:
     """Full-resolution evaluation of ``<run>/seg/final.pt`` on ``split``; writes the "seg" record."""
     t0 = time.perf_counter()
-    ck = load_final(Path(run_dir) / "seg")
-    from tkpbench.config import config_from_dict
-
+    run = RunDir(run_dir)
+    ck = load_final(run.seg)
     cfg = cfg or config_from_dict(ck["config"])
     base = build_dataset(cfg.data, split)
     model = DeepLabV2(base.num_classes, cfg.seg.backbone)
@@ -145,18 +147,12 @@ def evaluate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
                 D.shard_indices(len(base), dist.rank, dist.world))
     loader = DataLoader(ds, batch_size=1, num_workers=min(cfg.seg.workers, 4))
     cm, cm_crf = ConfusionMatrix(base.num_classes), ConfusionMatrix(base.num_classes)
-    from tkpbench.progress import track
-
     for img, mask, _, idx in track(loader, total=len(loader), description=f"DeepLab eval {split}",
                                    enabled=progress and dist.is_main):
         probs = predict(model, img.to(dist.device), list(cfg.seg.eval_scales), cfg.seg.eval_flip, cfg.train.amp)
         cm.update(probs.argmax(0), mask[0].to(dist.device))
         if cfg.seg.eval_crf:
-            from dataclasses import asdict
-
-            from tkpbench.crf import dense_crf
-
-            q = dense_crf(base.image(int(idx)), probs.cpu().numpy().astype(np.float32), **asdict(cfg.crf))
+            q = dense_crf(base.image(int(idx)), probs.cpu().numpy().astype(np.float32), cfg.crf)
             cm_crf.update(q.argmax(0), mask[0].numpy())
     cm.all_reduce()
     cm_crf.all_reduce()
@@ -173,40 +169,39 @@ def evaluate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
                       "iters": cfg.seg.iters, "batch": cfg.seg.batch_size, "crop": cfg.seg.crop,
                       "eval_scales": list(cfg.seg.eval_scales), "eval_flip": cfg.seg.eval_flip,
                       "eval_crf": cfg.seg.eval_crf, "resolution": "full"},
-            synthetic=cfg.synthetic, model_sha256=model_digest(Path(run_dir) / "seg" / "final.pt"),
+            synthetic=cfg.synthetic, model_sha256=model_digest(run.seg.final),
+            settings=chain_settings("seg_eval", cfg),
         )
         write_stage(results, Path(run_dir).name, stamp(rec, time.perf_counter() - t0), cfg.to_dict())
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tkpbench.segment", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def _main(argv: list[str] | None = None) -> int:
+    p = cli.parser("tkpbench segment", __doc__, cli.config_options(), cli.fit_options())
     p.add_argument("cmd", choices=["train", "eval"])
     p.add_argument("--run", type=Path, required=True, help="the TKP-PCL run whose pseudo masks are used")
     p.add_argument("--split", default=None, help="eval split (default: data.val_split)")
-    p.add_argument("--config", type=Path, default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--results", type=Path, default=Path("results"))
-    add_fit_args(p)
     args = p.parse_args(argv)
-    from tkpbench.pseudo import run_config
-
+    cfg = run_config(args.run, args.config, args.overrides)
     dist = D.setup(args.device)
     try:
-        cfg = run_config(args.run, args.config, args.overrides)
         if args.cmd == "train":
-            fit_from_args(SegTask(cfg, args.run), cfg, Path(args.run) / "seg", dist, args)
+            fit(SegTask(cfg, args.run), cfg.to_dict(), RunDir(args.run).seg.root, dist,
+                resume=None if args.resume == "no" else args.resume, force=args.force,
+                progress=not args.no_progress, config_text=dumps(cfg))
         else:
             r = evaluate(args.run, args.split or cfg.data.val_split, dist, cfg, not args.no_progress, args.results)
             if dist.is_main:
                 print(f"DeepLab-v2 mIoU on {args.split or cfg.data.val_split}: {100 * r['miou']:.2f}")
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
     finally:
         D.cleanup()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user error ends with one message and a non-zero exit (``tkpbench.cli.guard``)."""
+    return cli.guard(_main, argv)
 
 
 if __name__ == "__main__":

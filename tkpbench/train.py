@@ -12,26 +12,24 @@ the merged patch predictions on val at the training size. Everything goes to ``r
 
 from __future__ import annotations
 
-import argparse
 import sys
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from tkpbench import cli
 from tkpbench import distributed as D
-from tkpbench.config import Config, load_config
+from tkpbench.config import Config, dumps, load_config
 from tkpbench.data.transforms import EvalSet, TKPTrainSet, build_dataset, eval_transform, tkp_train_transform
 from tkpbench.encoder import encoder_mean_std
-from tkpbench.engine import Task, TrainingError, add_fit_args, fit_from_args, fused_optimizer, unwrap
+from tkpbench.engine import Task, TrainingError, fit, fused_optimizer, unwrap
 from tkpbench.metrics import ConfusionMatrix
-from tkpbench.model import TKPPCL, merge_with_tags, tkp_loss
-
-RUNTIME_KEYS = {"workers", "log_every", "ckpt_every", "keep_checkpoints", "eval_every", "cache_images"}
+from tkpbench.model import TKPPCL, patch_masks, tkp_loss
+from tkpbench.runs import training_view
 
 
 class TKPTask(Task):
@@ -104,9 +102,7 @@ class TKPTask(Task):
         return bool(e) and epoch_done % e == 0
 
     def resume_view(self, cfg: dict[str, Any]) -> dict[str, Any]:
-        keep = {k: cfg[k] for k in ("model", "data", "train", "synthetic") if k in cfg}
-        return {k: ({kk: vv for kk, vv in v.items() if kk not in RUNTIME_KEYS} if isinstance(v, dict) else v)
-                for k, v in keep.items()}
+        return training_view(cfg)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, dist: D.DistInfo) -> dict[str, float]:
@@ -140,43 +136,27 @@ def evaluate_patch_predictions(model: TKPPCL, cfg: Config, dist: D.DistInfo, bas
     return {"f1": 2 * tp / max(2 * tp + fp + fn, 1), "miou": cm.miou()}
 
 
-def patch_masks(z: torch.Tensor, grid: tuple[int, int], tags: torch.Tensor, size: tuple[int, int],
-                return_probs: bool = False):
-    """z: (B, S, C) -> merged (B, C, h, w) -> bilinear to ``size`` -> argmax (B, H, W)."""
-    b, s, c = z.shape
-    maps = z.float().transpose(1, 2).reshape(b, c, *grid)
-    merged = merge_with_tags(maps, tags)
-    up = F.interpolate(merged, size=size, mode="bilinear", align_corners=False)
-    return (up.argmax(1), up) if return_probs else up.argmax(1)
-
-
-def run_dir_for(cfg: Config, runs: Path) -> Path:
-    return Path(runs) / cfg.name
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tkpbench.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set data.root=/data/VOC2012 (repeatable)")
+def _main(argv: list[str] | None = None) -> int:
+    p = cli.parser("tkpbench train", __doc__, cli.config_options(required=True), cli.fit_options())
     p.add_argument("--name", default=None, help="run name (default: the config's name, else its file name)")
-    p.add_argument("--runs", type=Path, default=Path("runs"))
-    add_fit_args(p)
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="folder of run folders (default: runs)")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.name:
         cfg.name = args.name
     dist = D.setup(args.device)
-    run_dir = run_dir_for(cfg, args.runs)
     try:
-        fit_from_args(TKPTask(cfg), cfg, run_dir, dist, args)
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        fit(TKPTask(cfg), cfg.to_dict(), Path(args.runs) / cfg.name, dist,
+            resume=None if args.resume == "no" else args.resume, force=args.force, progress=not args.no_progress,
+            config_text=dumps(cfg))
     finally:
         D.cleanup()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user error ends with one message and a non-zero exit (``tkpbench.cli.guard``)."""
+    return cli.guard(_main, argv)
 
 
 if __name__ == "__main__":

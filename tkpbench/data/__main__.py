@@ -13,6 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from tkpbench.data.check import check_dataset
+from tkpbench.data.coco import COCOSegmentation, build_masks
+from tkpbench.data.common import DatasetError
+from tkpbench.data.download import DownloadError, download
+from tkpbench.data.synth import make_synthetic
+from tkpbench.data.voc import prepare_train_aug
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tkpbench.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("dataset", choices=["voc", "coco"])
     c.add_argument("--root", type=Path, required=True)
     c.add_argument("--splits", nargs="+", default=None)
+    c.add_argument("--quick", action="store_true", help="check that files exist, without decoding each one")
     a = sub.add_parser("prepare-aug", help="build train_aug.txt and SegmentationClassAug/ from SBD")
     a.add_argument("--root", type=Path, required=True)
     a.add_argument("--sbd", type=Path, required=True)
@@ -41,33 +49,26 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--size", type=int, nargs=2, default=[120, 160], metavar=("H", "W"))
     args = p.parse_args(argv)
 
-    from tkpbench.data.common import DatasetError
-    from tkpbench.data.download import DownloadError
 
     try:
         if args.cmd == "download":
-            from tkpbench.data.download import download
 
             for path in download(args.what, args.root, args.base_url):
                 print(f"ok: {path}")
         elif args.cmd == "check":
-            from tkpbench.data.check import check_dataset
-
             splits = args.splits or (["train", "val", "train_aug"] if args.dataset == "voc" else ["train2014", "val2014"])
-            ok, lines = check_dataset(args.dataset, args.root, splits)
+            ok, lines = check_dataset(args.dataset, args.root, splits, decode=not args.quick)
             print("\n".join(lines))
             return 0 if ok else 1
         elif args.cmd == "prepare-aug":
-            from tkpbench.data.voc import prepare_train_aug
 
             print(prepare_train_aug(args.root, args.sbd, args.workers, progress=True))
         elif args.cmd == "coco-masks":
-            from tkpbench.data.coco import COCOSegmentation, build_masks
 
-            ds = COCOSegmentation(args.root, args.split, skip_unannotated=False)
+            ds = COCOSegmentation(args.root, args.split, mask_dir=Path(args.root) / "semantic" / args.split,
+                                  skip_unannotated=False)
             print(f"built {build_masks(ds, args.workers)} masks into {ds.mask_dir}")
         elif args.cmd == "synth":
-            from tkpbench.data.synth import make_synthetic
 
             print(make_synthetic(args.root, args.n, args.seed, tuple(args.size), args.classes))
     except (DatasetError, DownloadError) as e:

@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tkpbench.data.coco import COCOSegmentation
 from tkpbench.data.common import DatasetError
+from tkpbench.data.voc import VOCSegmentation
 
 
-def check_dataset(dataset: str, root: str | Path, splits: list[str]) -> tuple[bool, list[str]]:
-    """(all present, report lines). Builds each split's dataset object, which checks lists and files."""
-    from tkpbench.data.coco import COCOSegmentation
-    from tkpbench.data.voc import VOCSegmentation
+def _decode_one(ds, i: int) -> str | None:
+    """None when image ``i`` and its mask decode and agree in size; else what is wrong, naming the file."""
+    try:
+        img = ds.image(i)
+        if ds.mask_path(i).is_file() or not isinstance(ds, COCOSegmentation):
+            mask = ds.mask(i)  # read_mask rejects colour masks and values >= num_classes other than 255
+            if mask.shape != img.shape[:2]:
+                return (f"mask {ds.mask_path(i)} is {mask.shape[1]}x{mask.shape[0]} but its image {ds.image_path(i)} is "
+                        f"{img.shape[1]}x{img.shape[0]}; a mask must have its image's size")
+    except DatasetError as e:
+        return str(e)
+    return None
 
+
+def decode_all(ds, workers: int = 0, limit: int = 20) -> list[str]:
+    """Decode every image and mask of ``ds`` (a truncated JPEG, a mask with a value out of range, an
+    RGB mask or a mask of the wrong size is found); returns up to ``limit`` problems."""
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        problems = [p for p in pool.map(lambda i: _decode_one(ds, i), range(len(ds))) if p]
+    return problems[:limit]
+
+
+def check_dataset(dataset: str, root: str | Path, splits: list[str], decode: bool = False) -> tuple[bool, list[str]]:
+    """(all present, report lines). Builds each split's dataset object, which checks lists and files;
+    with ``decode`` also decodes every image and mask (``decode_all``)."""
     root = Path(root)
     lines = [f"{dataset} root: {root}"]
     ok = True
@@ -24,7 +48,13 @@ def check_dataset(dataset: str, root: str | Path, splits: list[str]) -> tuple[bo
         try:
             ds = VOCSegmentation(root, split) if dataset == "voc" else COCOSegmentation(root, split)
             extra = f", {ds.num_unannotated} unannotated left out" if getattr(ds, "skip_unannotated", False) else ""
-            lines.append(f"  split {split:10s} {len(ds):6d} images  ok{extra}")
+            problems = decode_all(ds) if decode else []
+            if problems:
+                ok = False
+                lines.append(f"  split {split:10s} {len(ds):6d} images  DAMAGED:")
+                lines += [f"    {p}" for p in problems]
+            else:
+                lines.append(f"  split {split:10s} {len(ds):6d} images  ok{extra}" + (", all decoded" if decode else ""))
         except DatasetError as e:
             ok = False
             lines.append(f"  split {split:10s} MISSING: {e}")

@@ -3,29 +3,34 @@
 ``root`` holds ``<split>/`` (images) and ``annotations/instances_<split>.json``. The 80
 categories map to 1..80 in the order of their ids; background is 0. Instances are painted
 largest first so small objects stay visible; crowd regions become 255 where no (non-crowd)
-instance covers them. Semantic masks are made once and cached as palette PNGs under
-``root/semantic/<split>/`` (``python -m tkpbench.data coco-masks`` builds them all in parallel).
+instance covers them. Semantic masks are made once and cached as palette PNGs: in
+``root/semantic/<split>/`` when that folder exists (``python -m tkpbench.data coco-masks`` builds
+them all there in parallel), else in the cache folder (``$TKPBENCH_CACHE``, default
+``~/.cache/tkpbench``), keyed by the annotation file, so a read-only dataset folder works.
 Tags: categories with at least one annotation. Images without any annotation are left out
 of training splits and counted in ``num_unannotated``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from pycocotools.coco import COCO
 
 from tkpbench.data.common import IGNORE, DatasetError, read_image, read_mask, save_mask
+from tkpbench.data.tagcache import cache_dir
+from tkpbench.progress import track
 
 FIX_DOWNLOAD = "python -m tkpbench.data download coco --root DIR"
 
 
 def _load_coco(ann_file: Path):
-    from pycocotools.coco import COCO
-    import contextlib
-    import io
 
     if not ann_file.is_file():
         raise DatasetError(
@@ -57,6 +62,16 @@ def semantic_mask(coco, image_id: int, cat_to_class: dict[int, int]) -> np.ndarr
     return out
 
 
+def default_mask_dir(root: Path, split: str, ann_file: Path) -> Path:
+    """``root/semantic/<split>`` when it exists, else a folder of the cache keyed by the annotation file."""
+    in_root = root / "semantic" / split
+    if in_root.is_dir():
+        return in_root
+    st = ann_file.stat()
+    key = hashlib.sha256(f"{ann_file.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "coco_semantic" / f"{split}_{key}"
+
+
 class COCOSegmentation:
     """COCO semantic segmentation split (SPEC Sec. 4 interface)."""
 
@@ -79,7 +94,7 @@ class COCOSegmentation:
         self.classes = ("background",) + tuple(self.coco.cats[c]["name"] for c in cat_ids)
         self.num_classes = len(self.classes)
         self.image_dir = self.root / split
-        self.mask_dir = Path(mask_dir) if mask_dir else self.root / "semantic" / split
+        self.mask_dir = Path(mask_dir) if mask_dir else default_mask_dir(self.root, split, self.ann_file)
         if skip_unannotated is None:
             skip_unannotated = "train" in split
         self.skip_unannotated = skip_unannotated
@@ -156,7 +171,6 @@ def _build_one(i: int) -> bool:
 
 def build_masks(ds: COCOSegmentation, workers: int = 0, progress: bool = True) -> int:
     """Write every semantic mask of ``ds`` as a PNG (parallel, resumable). Returns how many were built."""
-    from tkpbench.progress import track
 
     workers = workers or os.cpu_count() or 1
     ds.mask_dir.mkdir(parents=True, exist_ok=True)

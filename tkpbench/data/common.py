@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from tkpbench.errors import DatasetError
 from tkpbench.io import atomic_save_png
 
 IGNORE = 255
@@ -17,8 +18,6 @@ VOC_CLASSES = (
 )
 
 
-class DatasetError(RuntimeError):
-    """A dataset file or folder that is missing or does not have the expected content."""
 
 
 def voc_palette() -> list[int]:

@@ -7,6 +7,7 @@ archives' MD5s, the sha256 prefixes in the weight file names).
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import tarfile
@@ -16,11 +17,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tkpbench.errors import DownloadError
 from tkpbench.io import file_digest
-
-
-class DownloadError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -90,7 +88,7 @@ def fetch(url: str, dest: Path, checksum: str | None = None, chunk: int = 1 << 2
             pass
         else:
             raise DownloadError(f"{url}: HTTP {e.code} {e.reason}; the partial file {part} is kept for a resume") from e
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # IncompleteRead: a cut connection
         raise DownloadError(
             f"{url}: connection failed ({e}); {part.stat().st_size if part.exists() else 0} bytes kept in {part}. "
             "Run the same command again to resume."

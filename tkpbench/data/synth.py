@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
+from scipy.ndimage import gaussian_filter, shift
 
 from tkpbench.data.common import IGNORE, VOC_CLASSES, save_mask
 from tkpbench.io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -90,7 +92,6 @@ def render(rng: np.random.Generator, h: int, w: int, num_classes: int, max_objec
 def blurred_probs(mask: np.ndarray, num_classes: int, sigma: float, offset: int, seed: int = 0) -> np.ndarray:
     """A probability map (float32 (C, H, W)) whose boundaries are blurred and shifted off the true
     ones of ``mask`` (uint8 (H, W), 255 = ignore), plus a little noise: CRF inputs with a known answer."""
-    from scipy.ndimage import gaussian_filter, shift
 
     m = np.where(mask == IGNORE, 0, mask)
     onehot = np.stack([(m == c).astype(np.float32) for c in range(num_classes)])
@@ -137,7 +138,6 @@ def make_synthetic(root: str | Path, n: int = 200, seed: int = 0, size: tuple[in
             {"id": 2 * c + 1, "name": VOC_CLASSES[c], "supercategory": "synthetic"} for c in range(1, 21)
         ]} for s in ("train2014", "val2014")
     }
-    from pycocotools import mask as mask_utils
 
     ann_id = 1
     for i in range(n):

@@ -1,4 +1,10 @@
-"""Image-level tags computed once per split and cached as .npz beside the dataset."""
+"""Image-level tags computed once per split and cached as .npz in a cache folder.
+
+The cache lives in ``$TKPBENCH_CACHE`` (default ``~/.cache/tkpbench``), never in the dataset
+folder, which may be read-only or shared. Its key covers the split's id list and the size and
+modification time of every file the tags are read from, so an edited mask or annotation is
+re-read, never served stale. A damaged cache file is recomputed.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +20,29 @@ import numpy as np
 from tkpbench.io import atomic_write_bytes
 
 
-def cached_tags(root: Path, key: str, ids: list[str], compute: Callable[[int], np.ndarray], n: int) -> np.ndarray:
-    """bool (N, C). Cached under ``root/.tkpbench_cache/`` (or $TKPBENCH_CACHE); the cache is
-    keyed by the id list, so an edited split list is recomputed. A read-only root keeps it in
-    memory only."""
-    digest = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:12]
-    base = Path(os.environ.get("TKPBENCH_CACHE", root / ".tkpbench_cache"))
-    path = base / f"tags_{key}_{digest}.npz"
+def cache_dir() -> Path:
+    return Path(os.environ.get("TKPBENCH_CACHE") or Path.home() / ".cache" / "tkpbench")
+
+
+def _fingerprint(ids: list[str], sources: list[Path]) -> str:
+    h = hashlib.sha256("\n".join(ids).encode())
+    for p in sources:
+        try:
+            st = p.stat()
+            h.update(f"{p}:{st.st_size}:{st.st_mtime_ns};".encode())
+        except OSError:
+            h.update(f"{p}:missing;".encode())
+    return h.hexdigest()[:16]
+
+
+def cached_tags(key: str, ids: list[str], sources: list[Path], compute: Callable[[int], np.ndarray]) -> np.ndarray:
+    """bool (N, C): ``compute(i)`` for every image, cached under ``cache_dir()`` by ``key`` and the
+    fingerprint of ``ids`` and the ``sources`` files. An unwritable cache keeps them in memory only."""
+    n = len(ids)
+    path = cache_dir() / f"tags_{key}_{_fingerprint(ids, sources)}.npz"
     if path.is_file():
         try:
-            with np.load(path) as f:
+            with np.load(path, allow_pickle=False) as f:
                 if f["tags"].shape[0] == n:
                     return f["tags"].astype(bool)
         except Exception:
@@ -35,5 +54,5 @@ def cached_tags(root: Path, key: str, ids: list[str], compute: Callable[[int], n
     try:
         atomic_write_bytes(path, buf.getvalue())
     except OSError:
-        pass  # read-only dataset folder
+        pass  # a read-only cache folder
     return tags

@@ -19,7 +19,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from tkpbench.config import DataConfig
-from tkpbench.data.common import IGNORE, read_mask
+from tkpbench.data.coco import COCOSegmentation
+from tkpbench.data.common import IGNORE, DatasetError, read_mask
+from tkpbench.data.voc import VOCSegmentation
 
 
 def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[Any]:
@@ -70,10 +72,6 @@ def seg_train_transform(crop: int, scale_range: Sequence[float], mean, std) -> v
         v2.RandomHorizontalFlip(0.5),
         *_normalize(mean, std),
     ])
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return (seed * 1_000_003 + epoch * 100_003 + index) % (2**63)
 
 
 def _apply_seeded(transform: v2.Compose, key: Any, *inputs: Any) -> Any:
@@ -136,7 +134,6 @@ class PseudoMaskSet(Dataset):
         self.transform = transform
         missing = [i for i in base.ids if not (self.mask_dir / f"{i}.png").is_file()]
         if missing:
-            from tkpbench.data.common import DatasetError
 
             raise DatasetError(
                 f"{len(missing)} pseudo masks of {len(base.ids)} are missing from {self.mask_dir} (first: {missing[0]}.png); "
@@ -170,8 +167,6 @@ def preload_images(base, size: int, workers: int = 8) -> torch.Tensor:
 
 def build_dataset(cfg: DataConfig, split: str):
     """The dataset object for ``cfg.dataset`` and ``split`` (SPEC Sec. 4 classes)."""
-    from tkpbench.data.coco import COCOSegmentation
-    from tkpbench.data.voc import VOCSegmentation
 
     if cfg.dataset == "voc":
         return VOCSegmentation(cfg.root, split, tags=cfg.tags)

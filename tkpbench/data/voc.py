@@ -22,10 +22,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from scipy.io import loadmat
 
 from tkpbench.data.common import VOC_CLASSES, DatasetError, read_image, read_mask, save_mask, tags_from_mask
 from tkpbench.data.tagcache import cached_tags
 from tkpbench.io import atomic_write_text
+from tkpbench.progress import track
 
 FIX_DOWNLOAD = "python -m tkpbench.data download voc --root DIR (then point data.root at DIR/VOCdevkit/VOC2012)"
 
@@ -101,7 +103,9 @@ class VOCSegmentation:
     def all_tags(self) -> np.ndarray:
         """bool (N, C) tags of every image, computed once per split and cached on disk."""
         if self._tags is None:
-            self._tags = cached_tags(self.root, f"voc_{self.split}_{self.tag_source}", self.ids, self._tags_of, len(self))
+            sources = ([self.mask_path(i) for i in range(len(self))] if self.tag_source == "mask"
+                       else [self.root / "Annotations" / f"{x}.xml" for x in self.ids])
+            self._tags = cached_tags(f"voc_{self.split}_{self.tag_source}", self.ids, sources, self._tags_of)
         return self._tags
 
     def tags(self, i: int) -> np.ndarray:
@@ -130,7 +134,6 @@ def train_aug_ids(voc_train: list[str], voc_val: list[str], sbd_train: list[str]
 
 
 def _load_sbd_cls(path: Path) -> np.ndarray:
-    from scipy.io import loadmat
 
     try:
         mat = loadmat(str(path), squeeze_me=True, struct_as_record=False)
@@ -172,7 +175,6 @@ def prepare_train_aug(voc_root: Path, sbd_root: Path, workers: int = 0, progress
     jobs = [(i, str(voc_root), str(sbd_root), str(out_dir)) for i in ids]
     counts = {"skipped": 0, "voc": 0, "sbd": 0}
     workers = workers or os.cpu_count() or 1
-    from tkpbench.progress import track
 
     with ProcessPoolExecutor(workers) as pool:
         for r in track(pool.map(_convert_one, jobs, chunksize=64), total=len(jobs), description="train_aug masks", enabled=progress):

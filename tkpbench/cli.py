@@ -1,0 +1,73 @@
+"""What every command-line entry point shares: the common options and one way to end on bad input.
+
+Each entry point builds its parser from these parent parsers and runs its ``main`` through
+``guard``: an error the user can fix (bad config value, missing data, damaged checkpoint, a
+locked run, a full disk, a signal) ends with one ``error: ...`` line and a non-zero exit, never a
+traceback. ``--debug`` (or ``TKPBENCH_DEBUG=1``) shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, Sequence
+
+from tkpbench.errors import UserError
+from tkpbench.io import DiskFullError
+
+# errors whose message is the whole story (the exit code is 2; a signal's is 128 + its number)
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, DiskFullError, FileNotFoundError, PermissionError)
+
+
+def config_options(required: bool = False) -> argparse.ArgumentParser:
+    """``--config`` and the repeatable ``--set KEY=VALUE``."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", type=Path, required=required, default=None, help="a TOML config (e.g. baselines/topk_pce.toml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set data.root=/data/VOC2012 (repeatable)")
+    return p
+
+
+def common_options() -> argparse.ArgumentParser:
+    """``--debug`` and ``--device``, on every command."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (or set TKPBENCH_DEBUG=1)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+    return p
+
+
+def fit_options() -> argparse.ArgumentParser:
+    """The options of the commands that train (``train``, ``segment train``)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--resume", default="auto", help="'auto' (newest valid checkpoint), a checkpoint path, or 'no'")
+    p.add_argument("--force", action="store_true", help="resume even if the config differs")
+    return p
+
+
+def parser(prog: str, doc: str | None, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=doc, parents=[common_options(), *parents],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _debug(argv: Sequence[str] | None) -> bool:
+    args = sys.argv[1:] if argv is None else argv
+    return "--debug" in args or os.environ.get("TKPBENCH_DEBUG", "") not in ("", "0")
+
+
+def guard(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run ``main(argv)``; a user error ends with one message and a non-zero exit code."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue (finished work is kept)", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if _debug(argv):
+            traceback.print_exc()
+        code = getattr(e, "exit_code", 2)  # a stop by a signal: 128 + its number
+        print(f"{'interrupted' if code > 128 else 'error'}: {e}", file=sys.stderr)
+        return code

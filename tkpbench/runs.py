@@ -1,0 +1,268 @@
+"""The run folder: where every stage's files live, how they are loaded safely, and what made them.
+
+    runs/<name>/
+      config.toml            the resolved training config (written once the run is known not to clash)
+      final.pt               the trained TKP-PCL weights + config (a tkpbench checkpoint)
+      checkpoints/step_*.pt  resumable training state (model, optimiser, RNG, position, log offset)
+      log.jsonl              one JSON object per logged step / evaluation
+      .lock                  held (flock) by the training that owns the folder; names its pid and host
+      pseudo/STAMP.json      the final.pt digest and settings the pseudo outputs were made from
+      pseudo/masks/<id>.png  pseudo masks before the CRF;   pseudo/probs/<id>.npz merged probabilities
+      pseudo/crf/<id>.png    after the CRF;                  pseudo/DONE_<stage>_<split>.json markers
+      seg/                   DeepLab: a run folder of its own (config.toml, final.pt, checkpoints/, log.jsonl)
+
+Every stage asks this module where things are; no stage imports another stage. Checkpoints are
+loaded with ``torch.load(weights_only=True)``: a file that would need to run code to load is
+refused, and so is a file that is not a tkpbench checkpoint.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tkpbench.config import Config, apply_overrides, config_from_dict, load_config
+from tkpbench.errors import CheckpointError, RunLockedError
+from tkpbench.io import atomic_write_bytes, atomic_write_json, file_digest
+
+CHECKPOINT_FORMAT = "tkpbench-checkpoint-v2"
+
+# Config keys each stage's outputs depend on. A DONE marker stores their values; a change redoes
+# that stage and every stage after it. Keys that only affect speed (workers, device) are left out.
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "pseudo": ("pseudo.infer_size", "pseudo.save_probs", "data.tags", "data.dataset", "data.root"),
+    "crf": ("crf.iters", "crf.gauss_sxy", "crf.gauss_compat", "crf.bi_sxy", "crf.bi_srgb", "crf.bi_compat",
+            "crf.backend"),
+    "seg": ("seg.backbone", "seg.weights", "seg.crop", "seg.batch_size", "seg.lr", "seg.head_lr_mult", "seg.momentum",
+            "seg.weight_decay", "seg.poly_power", "seg.iters", "seg.scale_range", "seg.use_crf_masks", "seg.freeze_bn",
+            "data.seg_train_split", "train.seed"),
+    "seg_eval": ("seg.eval_scales", "seg.eval_flip", "seg.eval_crf"),
+}
+
+
+class RunDir:
+    """Paths of one run folder (see the module docstring). ``RunDir(root).seg`` is DeepLab's folder."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    config = property(lambda self: self.root / "config.toml")
+    final = property(lambda self: self.root / "final.pt")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    log = property(lambda self: self.root / "log.jsonl")
+    lock = property(lambda self: self.root / ".lock")
+    pseudo = property(lambda self: self.root / "pseudo")
+    masks = property(lambda self: self.root / "pseudo" / "masks")
+    probs = property(lambda self: self.root / "pseudo" / "probs")
+    crf = property(lambda self: self.root / "pseudo" / "crf")
+    seg = property(lambda self: RunDir(self.root / "seg"))
+
+    def marker(self, stage: str, split: str | None = None) -> Path:
+        """The DONE marker of ``stage`` ("pseudo", "crf": per split, under pseudo/; "seg": under seg/)."""
+        if stage == "seg":
+            return self.root / "seg" / "DONE_seg_train.json"
+        return self.pseudo / f"DONE_{stage}_{split}.json"
+
+    def mask_dir(self, use_crf: bool) -> Path:
+        return self.crf if use_crf else self.masks
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A tkpbench checkpoint (dict), loaded without running code. Raises CheckpointError naming the
+    file when it is missing, damaged, holds Python objects (a pickle payload) or is not tkpbench's."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for payloads, RuntimeError/EOFError for truncated files
+        unsafe = "weights_only" in str(e) or "Unsupported global" in str(e)
+        why = ("it holds Python objects that would have to run code to load (refused: checkpoints load with "
+               "weights_only=True)") if unsafe else f"it cannot be read ({e.__class__.__name__}: {str(e)[:200]})"
+        raise CheckpointError(f"{path} is not a usable tkpbench checkpoint: {why}. Fix: use a checkpoint written by "
+                              "tkpbench, or retrain the run") from e
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT or "model" not in ck:
+        found = ck.get("format", "no 'format' key") if isinstance(ck, dict) else type(ck).__name__
+        raise CheckpointError(f"{path} is not a tkpbench checkpoint (expected format {CHECKPOINT_FORMAT!r}, found "
+                              f"{found!r}). Fix: point at a run folder trained by this version of tkpbench, or retrain")
+    return ck
+
+
+def load_final(run: str | Path | RunDir) -> dict[str, Any]:
+    """``final.pt`` of a run folder (TKP-PCL's, or ``RunDir(run).seg`` for DeepLab's)."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    if not run.final.is_file():
+        raise CheckpointError(f"{run.final} does not exist; train the run first (python -m tkpbench.train --config ...)")
+    return load_checkpoint(run.final)
+
+
+def model_digest(weights: Path) -> str:
+    """The ``model_sha256`` (16 hex) of a weights file: what records and markers name a model by."""
+    return file_digest(weights)[:16]
+
+
+def run_config(run: str | Path | RunDir, config: Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The run's config: ``config.toml`` of the run folder (else the one stored in final.pt), or
+    ``config`` when given, with ``overrides`` applied. Relative ``data.root`` stays as written."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    if config is not None:
+        cfg = load_config(config)
+    elif run.config.is_file():
+        cfg = load_config(run.config)
+    else:
+        cfg = config_from_dict(load_final(run)["config"], f"{run.final}")
+    return apply_overrides(cfg, overrides or [])
+
+
+# ---------------------------------------------------------------------------------------------- run lock
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run>/.lock`` for the life of a training. The kernel releases it
+    when the process dies, so a killed run never leaves a stale lock; the file names the holder."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise RunLockedError(f"{self.path.parent} is in use by another training ({holder}); wait for it to finish "
+                                 "or stop it, or choose another run name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+# ---------------------------------------------------------------------------------------------- stage settings
+
+# Training keys that change only speed or bookkeeping, never the trained weights.
+RUNTIME_KEYS = {"workers", "log_every", "ckpt_every", "keep_checkpoints", "eval_every", "cache_images"}
+
+
+def training_view(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The part of a config a trained TKP-PCL model depends on (what a resume or reuse must match)."""
+    keep = {k: cfg[k] for k in ("model", "data", "train", "synthetic") if k in cfg}
+    return {k: ({kk: vv for kk, vv in v.items() if kk not in RUNTIME_KEYS} if isinstance(v, dict) else v)
+            for k, v in keep.items()}
+
+
+def _get(cfg: dict[str, Any], dotted: str) -> Any:
+    sec, key = dotted.split(".")
+    return cfg.get(sec, {}).get(key)
+
+
+def stage_settings(stage: str, cfg: Config | dict[str, Any]) -> dict[str, Any]:
+    """The config values ``stage``'s outputs depend on (``STAGE_KEYS``)."""
+    d = cfg.to_dict() if isinstance(cfg, Config) else cfg
+    return {k: _get(d, k) for k in STAGE_KEYS[stage]}
+
+
+def chain_settings(stage: str, cfg: Config | dict[str, Any]) -> dict[str, Any]:
+    """What ``stage``'s outputs depend on, its own settings and those of every stage before it:
+    "pseudo"; "crf" (= the "mask" record); "seg"; "seg_eval" (the "seg" record)."""
+    order = ["pseudo", "crf", "seg", "seg_eval"]
+    out: dict[str, Any] = {}
+    for s in order[: order.index(stage) + 1]:
+        out.update(stage_settings(s, cfg))
+    return out
+
+
+def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def write_marker(path: Path, model: str, settings: dict[str, Any], **extra: Any) -> None:
+    atomic_write_json(path, {"model_sha256": model, "settings": settings, **extra})
+
+
+def read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None  # missing or damaged: the stage is not done
+
+
+def claim_outputs(folder: Path, model: str, settings: dict[str, Any], subdirs: tuple[str, ...]) -> list[str]:
+    """Make ``folder``'s ``subdirs`` belong to ``model`` + ``settings`` before a stage writes into them.
+
+    ``folder/STAMP_<subdirs>.json`` records what the files there were made from. When it names
+    another model or other settings (a stage killed and resumed after final.pt or a setting
+    changed), the stale files are removed so that old and new outputs never mix. Returns the
+    differing keys (empty when nothing was stale)."""
+    stamp = folder / f"STAMP_{'_'.join(subdirs)}.json"
+    want = {"model_sha256": model, "settings": settings}
+    have = read_marker(stamp)
+    stale: list[str] = []
+    if have is not None and have != want:
+        stale = ([f"model: {have.get('model_sha256')} -> {model}"] if have.get("model_sha256") != model else []) \
+            + settings_diff(have.get("settings", {}), settings)
+    elif have is None and any((folder / d).is_dir() and any((folder / d).iterdir()) for d in subdirs):
+        stale = ["files of unknown origin (no stamp)"]
+    if stale:
+        for d in subdirs:
+            shutil.rmtree(folder / d, ignore_errors=True)
+    if have != want:
+        atomic_write_json(stamp, want)
+    return stale
+
+
+# ---------------------------------------------------------------------------------------------- stage files
+
+def load_probs(path: Path, num_classes: int) -> np.ndarray:
+    """float32 (C, H, W) from a probs .npz (absent classes are 0). Raises ValueError when damaged."""
+    with np.load(path, allow_pickle=False) as f:
+        probs, classes = f["probs"], f["classes"]
+    if probs.ndim != 3 or probs.shape[0] != len(classes) or (len(classes) and classes.max() >= num_classes):
+        raise ValueError(f"{path}: malformed probabilities")
+    full = np.zeros((num_classes, *probs.shape[1:]), dtype=np.float32)
+    full[classes] = probs.astype(np.float32)
+    return full
+
+
+def save_probs(path: Path, probs: np.ndarray, classes: np.ndarray) -> None:
+    """Merged probabilities of the ``classes`` present, (K, H, W) as float16, compressed, atomically."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, probs=probs.astype(np.float16), classes=classes.astype(np.int16))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def png_ok(path: Path) -> bool:
+    """Whether ``path`` is a whole, decodable PNG (a truncated one from a killed job is not)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:
+        return False
