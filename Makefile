@@ -3,7 +3,6 @@ PY      ?= python3
 VENV    ?= .venv
 BIN      = $(VENV)/bin
 STAMP    = $(VENV)/.installed
-NPROC   ?= $(shell $(PY) -c "import torch;print(max(torch.cuda.device_count(),1))" 2>/dev/null || echo 1)
 
 .PHONY: install test test-fast demo bench report reproduce-voc reproduce-coco ablation sweep clean-demo
 
@@ -15,8 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-# The default test run: everything, the slow end-to-end tests included (fits CI's budget).
+# The default test run: lint, then everything, the slow end-to-end tests included (fits CI's budget).
 test: install
+	$(BIN)/ruff check tkpbench tests
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: install
@@ -44,4 +44,4 @@ sweep: install
 	./reproduce.sh sweep
 
 clean-demo:
-	rm -rf runs/demo* data/demo results/demo*
+	rm -rf runs/demo* data/demo results/demo* results/fig5_demo* results/fig_seeds.png

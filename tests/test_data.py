@@ -102,7 +102,8 @@ def test_sbd_conversion_builds_train_aug_resumably(tmp_path, synth_root):
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(voc / "JPEGImages" / f"{extra}.jpg")
     seg = np.zeros((20, 30), np.uint8)
     seg[5:10, 5:20] = 7
-    savemat(sbd / "cls" / f"{extra}.mat", {"GTcls": {"Segmentation": seg, "Boundaries": np.zeros(1), "CategoriesPresent": np.array([7])}})
+    savemat(sbd / "cls" / f"{extra}.mat",
+            {"GTcls": {"Segmentation": seg, "Boundaries": np.zeros(1), "CategoriesPresent": np.array([7])}})
     (sbd / "train.txt").write_text(extra + "\n")
     val_ids = (voc / "ImageSets/Segmentation/val.txt").read_text().split()
     (sbd / "val.txt").write_text(val_ids[0] + "\n")  # a VOC val id in SBD must not enter train_aug

@@ -4,8 +4,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from helpers import run_until_killed, tiny_config
+
 from tkpbench import distributed as D
 from tkpbench.data import VOCSegmentation, save_mask
 from tkpbench.deeplab import ASPP, DeepLabV2

@@ -108,7 +108,8 @@ def test_download_command_with_a_mirror(server, tmp_path, monkeypatch):
 
     payload = _archive()
     _Handler.payload, _Handler.cut_after = payload, None
-    monkeypatch.setitem(dl.RESOURCES, "voc", [dl.Resource("http://unused/a.tar", "a.tar", "md5:" + hashlib.md5(payload).hexdigest())])
+    md5 = "md5:" + hashlib.md5(payload).hexdigest()
+    monkeypatch.setitem(dl.RESOURCES, "voc", [dl.Resource("http://unused/a.tar", "a.tar", md5)])
     from tkpbench.data.__main__ import main
 
     assert main(["download", "voc", "--root", str(tmp_path), "--base-url", f"http://127.0.0.1:{server.server_port}"]) == 0

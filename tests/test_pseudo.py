@@ -1,18 +1,18 @@
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config
 from PIL import Image
 
-from helpers import tiny_config
 from tkpbench import distributed as D
-from tkpbench.crf import refine_folder
 from tkpbench.data import DatasetError, VOCSegmentation, save_mask
 from tkpbench.engine import fit
 from tkpbench.evaluate import evaluate_folder, score_pseudo_masks
 from tkpbench.model import merge_with_tags
 from tkpbench.pseudo import generate
-from tkpbench.runs import load_probs
 from tkpbench.records import load_summary
+from tkpbench.refine import refine_folder
+from tkpbench.runs import load_probs
 from tkpbench.train import TKPTask
 
 
@@ -50,13 +50,27 @@ def test_pseudo_masks_have_the_image_sizes_and_palette_then_resume_skips(trained
         m = np.array(png)
         assert set(np.unique(m)) <= set(np.flatnonzero(ds.tags(i)))
         probs = load_probs(run / "pseudo" / "probs" / f"{ds.ids[i]}.npz", 21)
-        np.testing.assert_allclose(probs.sum(0), 1, atol=1e-2)
-        assert (probs.argmax(0) == m).mean() > 0.99  # probabilities are stored as float16: near-ties may flip
+        np.testing.assert_allclose(probs.sum(0), 1, atol=1e-5)
+        # stored on the patch grid and upsampled as the mask was made: the mask is exactly their argmax
+        assert np.array_equal(probs.argmax(0), m)
+        with np.load(run / "pseudo" / "probs" / f"{ds.ids[i]}.npz") as f:  # grid-sized, not image-sized
+            assert f["grid"].shape[1:] == (cfg.pseudo.infer_size // 16,) * 2 and f["size"].tolist() == list(m.shape)
     assert generate(run, "train", D.DistInfo(), progress=False) == 0
     # a damaged probabilities file is recomputed, not trusted
     (run / "pseudo" / "probs" / f"{ds.ids[0]}.npz").write_bytes(b"garbage")
     assert generate(run, "train", D.DistInfo(), progress=False) == 1
     load_probs(run / "pseudo" / "probs" / f"{ds.ids[0]}.npz", 21)
+
+
+def test_probabilities_of_the_older_full_size_format_still_load(tmp_path):
+    import io
+
+    probs = np.random.default_rng(0).dirichlet(np.ones(2), size=(6, 5)).transpose(2, 0, 1).astype(np.float16)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, probs=probs, classes=np.array([0, 7], dtype=np.int16))
+    (tmp_path / "old.npz").write_bytes(buf.getvalue())
+    full = load_probs(tmp_path / "old.npz", 21)
+    assert full.shape == (21, 6, 5) and np.array_equal(full[7], probs[1].astype(np.float32)) and full[3].max() == 0
 
 
 def test_crf_folder_stage_and_mask_record(trained_run, tmp_path):
@@ -90,7 +104,8 @@ def test_torch_crf_backend_on_a_folder_matches_pydensecrf(trained_run, tmp_path)
         cfg.crf.backend = "pydensecrf"
     ds = VOCSegmentation(cfg.data.root, "train")
     assert counts["done"] == len(ds)
-    agree = [(np.array(Image.open(run / "pseudo" / "crf" / f"{i}.png")) == np.array(Image.open(other / "pseudo" / "crf" / f"{i}.png"))).mean()
+    agree = [(np.array(Image.open(run / "pseudo" / "crf" / f"{i}.png"))
+              == np.array(Image.open(other / "pseudo" / "crf" / f"{i}.png"))).mean()
              for i in ds.ids]
     assert np.mean(agree) > 0.995
 
@@ -100,8 +115,8 @@ def test_torch_crf_with_loader_workers_equals_in_process_loading_and_names_a_dam
     import shutil
     from dataclasses import replace
 
-    from tkpbench.crf import _refine_on_device
     from tkpbench.data.transforms import build_dataset
+    from tkpbench.refine import _refine_on_device
 
     run, cfg = trained_run
     generate(run, "train", D.DistInfo(), progress=False)
@@ -129,7 +144,7 @@ def test_evaluate_folder_errors_name_the_file(synth_root, tmp_path):
         evaluate_folder(tmp_path, ds)
     for i in range(len(ds)):
         save_mask(tmp_path / f"{ds.ids[i]}.png", np.where(ds.mask(i) == 255, 0, ds.mask(i)))
-    assert evaluate_folder(tmp_path, ds).miou() > 0.9
+    assert evaluate_folder(tmp_path, ds).cm.miou() > 0.9
     save_mask(tmp_path / f"{ds.ids[1]}.png", np.zeros((5, 5), np.uint8))
     with pytest.raises(DatasetError, match=rf"{ds.ids[1]}\.png is 5x5"):
         evaluate_folder(tmp_path, ds)

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SimulatedKill, run_until_killed, tiny_config, trainer
 from PIL import Image
 
-from helpers import SimulatedKill, run_until_killed, tiny_config, trainer
 from tkpbench import distributed as D
-from tkpbench.config import ConfigError, load_config, save_config
+from tkpbench.config import ConfigError, load_config
 from tkpbench.data import VOCSegmentation
 from tkpbench.data.check import check_dataset
 from tkpbench.data.common import DatasetError
@@ -88,7 +88,9 @@ def test_killed_right_after_an_evaluation_then_resumed_equals_an_uninterrupted_r
         recs = [json.loads(x) for x in (tmp_path / run / "log.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in recs if "val_miou" in r] == [1, 2, 3]
         assert len({json.dumps(r, sort_keys=True) for r in recs if "val_miou" not in r}) == sum("val_miou" not in r for r in recs)
-    strip = lambda p: [{k: v for k, v in json.loads(x).items() if k != "images_per_s"} for x in p.read_text().splitlines()]
+    def strip(p):
+        return [{k: v for k, v in json.loads(x).items() if k != "images_per_s"} for x in p.read_text().splitlines()]
+
     assert strip(tmp_path / "a" / "log.jsonl") == strip(tmp_path / "b" / "log.jsonl")
 
 
@@ -275,3 +277,22 @@ def test_sigint_to_reproduce_sh_leaves_a_resumable_run_and_a_non_zero_exit(synth
     assert "run the same command again" in err.lower() and "Traceback" not in err, err
     ck = load_latest(tmp_path / "runs" / "demo-s0" / "checkpoints")
     assert ck is not None and ck["step"] >= 3 and not (tmp_path / "runs" / "demo-s0" / "final.pt").exists()
+
+
+def test_each_rank_draws_its_own_dropout_masks_and_rank_0_keeps_the_single_process_stream(synth_root, tmp_path):
+    """Under torchrun every rank is seeded alike for the model (DDP needs the same initial weights),
+    then with its own seed: rank 1's dropout masks are not a copy of rank 0's."""
+    from tkpbench.engine import Trainer
+
+    cfg = tiny_config(synth_root / "VOC2012")
+    draws, weights = {}, {}
+    for rank in (0, 1):
+        t = Trainer(TKPTask(cfg), cfg.to_dict(), tmp_path / f"r{rank}", D.DistInfo(rank=rank, world=2), progress=False)
+        t.build()
+        weights[rank] = t.model.classifier.weight.clone()
+        draws[rank] = torch.nn.functional.dropout(torch.ones(64), 0.5)
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(draws[0], draws[1])
+    single = Trainer(TKPTask(cfg), cfg.to_dict(), tmp_path / "one", D.DistInfo(), progress=False)
+    single.build()
+    assert torch.equal(torch.nn.functional.dropout(torch.ones(64), 0.5), draws[0])

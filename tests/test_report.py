@@ -1,3 +1,4 @@
+
 import numpy as np
 from PIL import Image
 
@@ -9,7 +10,8 @@ from tkpbench.report import build_tables, fig4_sweep, fig5_grid, load_results, m
 def _cfg(pooling, pce, k=6, eps=0.85, synthetic=False):
     c = Config()
     c.synthetic = synthetic
-    apply_overrides(c, [f"model.pooling={pooling}", f"model.pce={'true' if pce else 'false'}", f"model.k={k}", f"model.eps={eps}"])
+    apply_overrides(c, [f"model.pooling={pooling}", f"model.pce={'true' if pce else 'false'}", f"model.k={k}",
+                        f"model.eps={eps}"])
     return c.to_dict()
 
 
@@ -44,14 +46,16 @@ def test_tables_put_published_and_measured_side_by_side(tmp_path):
     tables = build_tables(load_results(tmp_path))
     t1, t2, t3, t4, demo = tables
     assert _row(t1, "MCTformer")[3:5] == ["61.7", "published"]
-    assert _row(t1, "TKP-PCL")[3:7] == ["74.6", "70.0", "73.5", "-1.1"]
-    assert _row(t1, "ViT-PCM")[3:7] == ["71.4", "68.0", "69.0", "-2.4"]
-    assert _row(t2, "TKP-PCL")[3:6] == ["72.2", "71.0", "-1.2"]
+    # records without per-image counts: the value, and plainly no interval
+    assert _row(t1, "TKP-PCL")[3:6] == ["74.6", "70.0 (n=1, no interval)", "73.5 (n=1, no interval)"]
+    assert _row(t1, "ViT-PCM")[3:6] == ["71.4", "68.0 (n=1, no interval)", "69.0 (n=1, no interval)"]
+    assert _row(t2, "TKP-PCL")[3:5] == ["72.2", "71.0 (n=1, no interval)"]
     assert _row(t3, "TKP-PCL")[4] == "not run"
     assert any("topk_pce @ abc123" in n for n in t1[3])
     # the demo run is never in the paper's tables, only under its own heading
     assert all("demo" not in r[0] for r in t4[2])
-    assert "NOT a reproduction" in demo[0] and _row(demo, "demo")[2:5] == ["40.0", "47.0", "3.5"]
+    assert "NOT a reproduction" in demo[0] and _row(demo, "demo")[2:5] == [
+        "40.0 (n=1, no interval)", "47.0 (n=1, no interval)", "3.5"]
     # sweep runs feed Fig. 4 only
     assert all("sweep" not in r[0] for r in t4[2])
 
@@ -60,7 +64,7 @@ def test_report_command_writes_tables_md_and_figures(tmp_path, capsys):
     _fixture(tmp_path)
     assert main([str(tmp_path), "--runs", str(tmp_path / "noruns")]) == 0
     md = (tmp_path / "TABLES.md").read_text()
-    assert "Table 1" in md and "| TKP-PCL |  | ViT-B/16 | 74.6 | 70.0 | 73.5 | -1.1 |" in md
+    assert "Table 1" in md and "| TKP-PCL |  | ViT-B/16 | 74.6 | 70.0 (n=1, no interval) | 73.5 (n=1, no interval) |" in md
     assert "Demo runs on generated data (NOT a reproduction" in md
     fig = Image.open(tmp_path / "fig4_sweep.png")
     assert fig.size == (800, 320) and np.asarray(fig).std() > 0
@@ -84,11 +88,16 @@ def test_fig4_is_absent_without_sweeps(tmp_path):
     assert fig4_sweep([], tmp_path / "f.png") is None
 
 
-def test_fig5_grid_has_one_row_per_image_and_four_columns(tmp_path):
+def test_fig5_grid_has_titles_one_row_per_image_four_columns_and_a_legend(tmp_path):
     img = np.full((80, 120, 3), 100, np.uint8)
     m = np.zeros((80, 120), np.uint8)
     m[20:60, 30:90] = 15
-    out = fig5_grid([img, img], [m, m], [m, m], [m, m], tmp_path / "g.png")
+    out = fig5_grid([img, img], [m, m], [m, m], [m, m], tmp_path / "g.png", ids=["a", "b"],
+                    class_names=[f"c{i}" for i in range(21)])
     arr = np.asarray(Image.open(out))
-    assert arr.shape == (320, 4 * 240, 3)
-    assert arr[80, 240 + 120].tolist() == [192, 128, 128]  # VOC colour of class 15 (person) in the GT column
+    header, legend = 22, 24  # the column titles, then one legend row for the 2 classes present
+    assert arr.shape == (header + 2 * 160 + legend, 4 * 240, 3)
+    # VOC colour of class 15 (person) in the GT column of the first image row
+    assert arr[header + 80, 240 + 120].tolist() == [192, 128, 128]
+    assert (arr[:header] < 128).any()  # the titles are drawn
+    assert (arr[-legend:] == [192, 128, 128]).all(-1).any()  # the legend shows the class colour

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import run_until_killed, tiny_config, trainer
+
 from tkpbench import distributed as D
 from tkpbench.config import save_config
 from tkpbench.engine import TrainingError, fit, list_checkpoints, load_latest
@@ -144,3 +144,15 @@ def test_a_nan_on_one_rank_stops_every_rank_at_that_step(synth_root, tmp_path):
         assert "non-finite loss at step 2 " in err and "loss=nan" in err, err
         assert not (out / f"rank{rank}.pt").exists()
     assert (tmp_path / "run" / "checkpoints" / "diagnostic_nan_step00000002.pt").is_file()
+
+
+def test_tensorboard_logging_writes_events_or_says_how_to_install_it(synth_root, tmp_path):
+    import importlib.util
+
+    cfg = tiny_config(synth_root / "VOC2012", train__epochs="1")
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(TrainingError, match=r"pip install 'tkpbench\[tb\]'"):
+            fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "t", CPU, progress=False, tensorboard=True)
+    else:
+        fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "t", CPU, progress=False, tensorboard=True)
+        assert list((tmp_path / "t" / "tensorboard").glob("events.out.tfevents.*"))

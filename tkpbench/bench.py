@@ -10,16 +10,18 @@
 * data: decoded+augmented images/s per DataLoader worker on generated data.
 * crf: seconds per 500x375 image with 21 labels, pydensecrf (one core, and images/s with all cores) and the
   torch permutohedral backend on the present device, on uniform noise (the lattice's worst case) and on a
-  photograph (``--crf-image``; default a VOC sample of ../shared/data, else a generated image).
+  photograph (``--crf-image``; default a VOC sample image when the real samples are present, else a
+  generated image).
 * metrics: confusion matrix over VOC-val-sized data (1,449 masks of 500x375).
 * deeplab: training images/s at crop 321, batch 10 (ResNet-101), bf16 + channels_last vs fp32 on CUDA.
 * crf_agreement (not in the default list; accuracy, not speed): the torch CRF backend against
-  pydensecrf on every full-size VOC val image under ``--voc-root`` (default: ../shared/data's sample).
+  pydensecrf on every full-size VOC val image under ``--voc-root`` (default: the 50-image VOC sample).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -31,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from rich.console import Console
+from rich.table import Table
 from torch.utils.data import DataLoader
 
 from tkpbench.config import Config, DataConfig, ModelConfig
@@ -42,7 +46,7 @@ from tkpbench.deeplab import DeepLabV2
 from tkpbench.distributed import autocast
 from tkpbench.io import atomic_write_json
 from tkpbench.metrics import ConfusionMatrix
-from tkpbench.model import TKPPCL, patch_masks, tkp_loss
+from tkpbench.model import TKPPCL, patch_masks, tkp_loss, upsample_probs
 from tkpbench.pce import patch_contrastive_error
 from tkpbench.pooling import topk_pool
 from tkpbench.records import device_name, git_commit
@@ -86,7 +90,6 @@ def train_flops(batch: int, tokens: int = 577, dim: int = 768, depth: int = 12, 
 
 
 def bench_model(device: torch.device, batch: int, out: dict) -> None:
-
     # the training's own model, optimiser and phase (epoch 3 on: last 5 blocks + final norm trainable)
     cfg = Config(model=ModelConfig(encoder="vit_base_patch16_384", weights=""))
     task = TKPTask(cfg)
@@ -109,7 +112,8 @@ def bench_model(device: torch.device, batch: int, out: dict) -> None:
     if device.type == "cuda":
         peak = matmul_peak_tflops(device)
         achieved = train_flops(batch) / dt / 1e12
-        r.update(bf16_matmul_peak_tflops=round(peak, 1), model_tflops=round(achieved, 1), fraction_of_peak=round(achieved / peak, 3),
+        r.update(bf16_matmul_peak_tflops=round(peak, 1), model_tflops=round(achieved, 1),
+                 fraction_of_peak=round(achieved / peak, 3),
                  peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
     out["model"] = r
 
@@ -134,7 +138,6 @@ def bench_pseudo(device: torch.device, out: dict) -> None:
 
 
 def bench_pce_pooling(device: torch.device, out: dict) -> None:
-
     b, s, c, e = 16, 576, 21, 768
     f = torch.randn(b, s, e, device=device)
     z = (torch.randn(b, s, c, device=device) * 4).softmax(-1)
@@ -165,10 +168,9 @@ def bench_pce_pooling(device: torch.device, out: dict) -> None:
 
 
 def bench_data(out: dict, tmp: Path) -> None:
-
-
     make_synthetic(tmp, n=64, seed=0, size=(375, 500))
-    ds = TKPTrainSet(VOCSegmentation(tmp / "VOC2012", "train_aug"), tkp_train_transform(DataConfig(), 384, (0.5,) * 3, (0.5,) * 3))
+    ds = TKPTrainSet(VOCSegmentation(tmp / "VOC2012", "train_aug"),
+                     tkp_train_transform(DataConfig(), 384, (0.5,) * 3, (0.5,) * 3))
     res = {}
     for w in (0, 1, 2):
         loader = DataLoader(ds, batch_size=8, num_workers=w)
@@ -196,7 +198,7 @@ def bench_crf(device: torch.device, out: dict, photo: Path | None) -> None:
         t = time.perf_counter()
         with ProcessPoolExecutor(cores) as pool:
             list(pool.map(_crf_job, [(kind, photo)] * n))
-        res[kind] = {"image": source, "pydensecrf_s_per_image_one_core": round(one, 3),
+        res[kind] = {"image": _portable(source), "pydensecrf_s_per_image_one_core": round(one, 3),
                      "pydensecrf_images_per_s_all_cores": round(n / (time.perf_counter() - t), 2),
                      "torch_s_per_image": round(ours, 3), "torch_images_per_s": round(1 / ours, 2),
                      "torch_speedup_vs_pydensecrf_one_core": round(one / ours, 2)}
@@ -250,7 +252,7 @@ def bench_crf_agreement(device: torch.device, out: dict, voc_root: Path | None) 
         cms["pydensecrf"].update(keep[ref.argmax(0)], mask)
         cms["torch"].update(keep[ours.argmax(0)], mask)
     out["crf_agreement"] = {
-        "images": len(ds), "root": str(voc_root), "torch_device": device.type,
+        "images": len(ds), "root": _portable(voc_root), "torch_device": device.type,
         "argmax_agreement_min": round(min(agree), 6), "argmax_agreement_mean": round(float(np.mean(agree)), 6),
         "max_abs_prob_diff": max_abs, "mean_abs_prob_diff": float(np.mean(mean_abs)),
         "pixels_over_1e-3_worst_image": max(over), "pixels_over_1e-3_total": sum(over),
@@ -259,7 +261,6 @@ def bench_crf_agreement(device: torch.device, out: dict, voc_root: Path | None) 
 
 
 def bench_metrics(out: dict) -> None:
-
     rng = np.random.default_rng(0)
     gt = torch.from_numpy(rng.integers(0, 21, size=(375, 500), dtype=np.uint8))
     pred = torch.from_numpy(rng.integers(0, 21, size=(375, 500), dtype=np.uint8))
@@ -271,7 +272,6 @@ def bench_metrics(out: dict) -> None:
 
 
 def bench_deeplab(device: torch.device, out: dict) -> None:
-
     res = {}
     modes = [("bf16_channels_last", True), ("fp32", False)] if device.type == "cuda" else [("fp32", False)]
     batch = 10 if device.type == "cuda" else 2
@@ -297,26 +297,124 @@ def bench_deeplab(device: torch.device, out: dict) -> None:
     out["deeplab_resnet101_crop321"] = res
 
 
+def _portable(path) -> str:
+    """A path as it may be written into a shared benchmark record: its last two parts, never the
+    absolute path of the machine that measured it."""
+    p = Path(str(path))
+    return str(Path(p.parent.name) / p.name) if p.is_absolute() else str(p)
+
+
 _SAMPLE_VOC = Path(__file__).resolve().parents[2] / "shared/data/voc2012-sample/VOC2012"
 _SAMPLE_PHOTO = _SAMPLE_VOC / "JPEGImages/2007_000063.jpg"
+
+
+# sizes of the full targets (SPEC Sec. 2-3): images per split, tagged classes per image (incl. background,
+# from VOC's cls_labels and COCO's instances files), DeepLab iterations and batch
+TARGETS = {
+    "voc": {"train": 10582, "mask": 1464, "val": 1449, "classes_per_image": 2.5, "epochs": 50, "seg_iters": 20000,
+            "seg_batch": 10, "size": (375, 500)},
+    "coco": {"train": 82081, "mask": 82081, "val": 40504, "classes_per_image": 3.9, "epochs": 50, "seg_iters": 20000,
+             "seg_batch": 10, "size": (480, 640)},
+}
+
+
+def bench_storage(out: dict) -> None:
+    """Bytes per image of the stored pseudo-mask probabilities, now (patch grid, float32) and as
+    earlier versions stored them (full size, float16), with the projected disk use of each target."""
+    rng = np.random.default_rng(0)
+    res = {}
+    for target, t in TARGETS.items():
+        k = int(round(t["classes_per_image"]))
+        grid = torch.from_numpy(rng.random((1, k, 60, 60), dtype=np.float32))
+        grid = torch.nn.functional.avg_pool2d(grid, 5, 1, 2)  # smooth like real patch scores
+        grid = grid / grid.sum(1, keepdim=True)
+        full = upsample_probs(grid, t["size"])[0].numpy()
+        sizes = {}
+        for name, arrays in (("grid_float32", {"grid": grid[0].numpy(), "size": np.array(t["size"])}),
+                             ("full_float16", {"probs": full.astype(np.float16)})):
+            buf = io.BytesIO()
+            np.savez_compressed(buf, classes=np.arange(k, dtype=np.int16), **arrays)
+            sizes[name] = len(buf.getvalue())
+        res[target] = {"classes_per_image": k, "image_size": list(t["size"]), "bytes_per_image": sizes,
+                       "projected_gb_train_split": {n: round(b * t["train"] / 1e9, 2) for n, b in sizes.items()},
+                       "ratio": round(sizes["full_float16"] / sizes["grid_float32"], 1)}
+    out["pseudo_storage"] = res
+
+
+def projection(out: dict) -> dict:
+    """Wall-clock of each full target on this device, from the per-image figures just measured
+    (training steps x s/step, images / images per s); a missing measurement leaves its stage out."""
+    m, p = out.get("model"), out.get("pseudo_masks_at_960")
+    crf = out.get("crf", {}).get("photo", {})
+    dl = out.get("deeplab_resnet101_crop321", {})
+    dl = dl.get("bf16_channels_last") or dl.get("fp32")
+    proj = {}
+    for target, t in TARGETS.items():
+        stages = {}
+        if m:
+            stages["train"] = t["epochs"] * (t["train"] // 16) * m["s_per_step"] * 16 / m["batch"]
+        if p:
+            stages["pseudo"] = t["train"] / p["images_per_s"]
+        if crf:
+            stages["crf"] = t["train"] / crf["pydensecrf_images_per_s_all_cores"]
+        if dl:
+            stages["deeplab"] = t["seg_iters"] * t["seg_batch"] / dl["images_per_s"]
+        proj[target] = {k: round(v / 3600, 2) for k, v in stages.items()}
+        proj[target]["total_hours"] = round(sum(stages.values()) / 3600, 1)
+        proj[target]["per_seed"] = "one training seed; each more seed adds the same again"
+    return proj
+
+
+def print_summary(out: dict) -> None:
+    """The table ``make bench`` ends with: throughput per stage, storage, projected time per target."""
+    con = Console()
+    t = Table(title=f"tkpbench bench on {out['device']} ({out['cpu_count']} cores), commit {out['commit']}",
+              title_justify="left")
+    t.add_column("what", overflow="fold")
+    t.add_column("measured", justify="right", overflow="fold")
+    rows = []
+    if "model" in out:
+        rows.append(("TKP-PCL training, ViT-B/16 at 384", f"{out['model']['images_per_s']} images/s"))
+    if "pseudo_masks_at_960" in out:
+        rows.append(("pseudo-mask inference at 960", f"{out['pseudo_masks_at_960']['images_per_s']} images/s"))
+    if "crf" in out and "photo" in out["crf"]:
+        ips = out["crf"]["photo"]["pydensecrf_images_per_s_all_cores"]
+        rows.append(("CRF, pydensecrf, all cores (photo)", f"{ips} images/s"))
+    for name, r in out.get("deeplab_resnet101_crop321", {}).items():
+        rows.append((f"DeepLab-v2 ResNet-101 training ({name})", f"{r['images_per_s']} images/s"))
+    for target, r in out.get("pseudo_storage", {}).items():
+        b = r["bytes_per_image"]
+        rows.append((f"stored probabilities per image, {target} (grid / earlier full size)",
+                     f"{b['grid_float32'] / 1e3:.1f} KB / {b['full_float16'] / 1e3:.1f} KB"))
+        g = r["projected_gb_train_split"]
+        rows.append((f"  projected disk, {target} training split", f"{g['grid_float32']} GB / {g['full_float16']} GB"))
+    for target, r in out.get("projection_hours", {}).items():
+        if r["total_hours"] == 0:
+            continue  # no stage of it was measured in this run
+        parts = ", ".join(f"{k} {v} h" for k, v in r.items() if k not in ("total_hours", "per_seed"))
+        rows.append((f"projected {target} chain on this device (one seed)", f"{r['total_hours']} h ({parts})"))
+    for r in rows:
+        t.add_row(*r)
+    con.print(t)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tkpbench.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="metrics,pce,pooling,crf,data,model,pseudo,deeplab")
+    p.add_argument("--only", default="metrics,pce,pooling,crf,data,model,pseudo,deeplab,storage")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=16, help="TKP-PCL training batch (the paper's 16)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--crf-image", type=Path, default=_SAMPLE_PHOTO if _SAMPLE_PHOTO.is_file() else None,
-                   help="a photograph for the CRF benchmark (default: a VOC image of ../shared/data when present)")
+                   help="a photograph for the CRF benchmark (default: a VOC sample image when present)")
     p.add_argument("--voc-root", type=Path, default=_SAMPLE_VOC if _SAMPLE_VOC.is_dir() else None,
-                   help="crf_agreement: a VOC2012 folder whose val images to use (default: ../shared/data's sample)")
+                   help="crf_agreement: a VOC2012 folder whose val images to use (default: the 50-image VOC val sample)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
 
     out: dict = {"device": device_name() if device.type == "cuda" else "CPU", "cpu_count": os.cpu_count(),
-                 "torch": torch.__version__, "commit": git_commit(), "command": " ".join(["python -m tkpbench.bench", *(argv or sys.argv[1:])])}
+                 "torch": torch.__version__, "commit": git_commit(),
+                 "command": " ".join(["python -m tkpbench.bench", *(argv or sys.argv[1:])])}
     only = set(args.only.split(","))
 
     steps = [("metrics", lambda: bench_metrics(out)), ("pce", lambda: bench_pce_pooling(device, out)),
@@ -324,13 +422,16 @@ def main(argv: list[str] | None = None) -> int:
              ("model", lambda: bench_model(device, args.batch, out)),
              ("pseudo", lambda: bench_pseudo(device, out)),
              ("deeplab", lambda: bench_deeplab(device, out)),
+             ("storage", lambda: bench_storage(out)),
              ("crf_agreement", lambda: bench_crf_agreement(device, out, args.voc_root))]
     for name, fn in steps:
         if name in only or (name == "pce" and "pooling" in only):
             t = time.perf_counter()
             fn()
             print(f"[{name}] done in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    out["projection_hours"] = projection(out)
     print(json.dumps(out, indent=2))
+    print_summary(out)
     if args.json:
 
         atomic_write_json(args.json, out)

@@ -45,6 +45,8 @@ def fit_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--resume", default="auto", help="'auto' (newest valid checkpoint), a checkpoint path, or 'no'")
     p.add_argument("--force", action="store_true", help="resume even if the config differs")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log to <run>/tensorboard for TensorBoard (needs the extra: pip install 'tkpbench[tb]')")
     return p
 
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from tkpbench.errors import ConfigError
 from tkpbench.io import atomic_write_text
@@ -108,6 +107,7 @@ class CRFConfig:
 @dataclass
 class SegConfig:
     backbone: str = "resnet101"
+    output_stride: int = 8  # DeepLab-v2's 8; 16 (about 3x cheaper) only for the CPU demo
     weights: str = "weights/resnet101-63fe2227.pth"  # torchvision ImageNet ResNet; "" = random init (demo/tests)
     crop: int = 321
     batch_size: int = 10
@@ -248,7 +248,8 @@ RULES: dict[str, Any] = {
     "crf.iters": AT_LEAST_1, "crf.gauss_sxy": POS, "crf.gauss_compat": NONNEG, "crf.bi_sxy": POS, "crf.bi_srgb": POS,
     "crf.bi_compat": NONNEG, "crf.workers": NONNEG, "crf.backend": _choice("pydensecrf", "torch"),
     "crf.device": lambda v: None if v in ("", "cpu") or v.startswith("cuda") else "'', 'cpu' or 'cuda[:N]'",
-    "seg.backbone": _choice("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"), "seg.crop": _num(16),
+    "seg.backbone": _choice("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
+    "seg.output_stride": lambda v: None if v in (8, 16) else "8 (DeepLab-v2) or 16", "seg.crop": _num(16),
     "seg.batch_size": AT_LEAST_1, "seg.lr": POS, "seg.head_lr_mult": POS, "seg.momentum": _num(0, 1, hi_open=True),
     "seg.weight_decay": NONNEG, "seg.poly_power": NONNEG, "seg.iters": AT_LEAST_1, "seg.scale_range": _pair(0, None),
     "seg.eval_scales": _numbers(None, 0.05), "seg.workers": NONNEG, "seg.ckpt_every": AT_LEAST_1,

@@ -171,8 +171,9 @@ class Trainer:
 
     def __init__(self, task: Task, cfg_dict: dict[str, Any], run_dir: Path, dist: D.DistInfo,
                  resume: str | None = "auto", force: bool = False, progress: bool = True,
-                 config_text: str | None = None) -> None:
+                 config_text: str | None = None, tensorboard: bool = False) -> None:
         self.task, self.cfg_dict, self.run, self.dist = task, cfg_dict, RunDir(run_dir), dist
+        self.tensorboard, self.tb = tensorboard, None
         self.resume_from, self.force, self.show_progress, self.config_text = resume, force, progress, config_text
         self.main = dist.is_main
         self.state = RunState()
@@ -231,6 +232,8 @@ class Trainer:
         finally:
             if self.prog is not None:
                 self.prog.stop()
+            if self.tb is not None:
+                self.tb.close()
 
     def build(self) -> None:
         """Model (same initial weights on every rank), optimiser, data, geometry of the batch."""
@@ -403,6 +406,23 @@ class Trainer:
         if self.main:
             with open(self.run.log, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            if self.tensorboard:
+                self._tb_log(rec)
+
+    def _tb_log(self, rec: dict[str, Any]) -> None:
+        """The same numbers as log.jsonl, live in TensorBoard (``--tensorboard``, extra ``tkpbench[tb]``)."""
+        if self.tb is None:
+            # lazy: the optional extra; torch.utils.tensorboard needs the tensorboard package
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise TrainingError("--tensorboard needs the tensorboard package: pip install 'tkpbench[tb]' "
+                                    f"(or pip install tensorboard); {e}") from None
+            self.tb = SummaryWriter(str(self.run.root / "tensorboard"))
+        for k, v in rec.items():
+            if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                self.tb.add_scalar(f"{self.task.name}/{k}", v, rec["step"])
+        self.tb.flush()
 
     def checkpoint(self, tag: str | None = None) -> Path:
         st = self.state
@@ -422,10 +442,11 @@ class Trainer:
 
 
 def fit(task: Task, cfg_dict: dict[str, Any], run_dir: Path, dist: D.DistInfo, resume: str | None = "auto",
-        force: bool = False, progress: bool = True, config_text: str | None = None) -> nn.Module:
+        force: bool = False, progress: bool = True, config_text: str | None = None, tensorboard: bool = False
+        ) -> nn.Module:
     """Train ``task`` to the end under ``run_dir`` (see ``Trainer``); returns the unwrapped model.
     Raises ``TrainingInterrupted`` after saving when a signal stops it."""
-    return Trainer(task, cfg_dict, run_dir, dist, resume, force, progress, config_text).fit()
+    return Trainer(task, cfg_dict, run_dir, dist, resume, force, progress, config_text, tensorboard).fit()
 
 
 def fused_optimizer(params) -> bool | None:

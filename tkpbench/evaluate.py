@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +24,21 @@ from tkpbench.data.transforms import build_dataset
 from tkpbench.metrics import ConfusionMatrix
 from tkpbench.records import StageRecord, per_class_dict, stamp, write_stage
 from tkpbench.runs import RunDir, chain_settings, model_digest, run_config
+from tkpbench.stats import save_counts
 
 
-def evaluate_folder(pred_dir: Path, ds, workers: int = 4) -> ConfusionMatrix:
-    """Confusion matrix of ``pred_dir/<id>.png`` against ``ds.mask(i)`` for every image of ``ds``.
+@dataclass
+class Scores:
+    """A confusion matrix and the per-image, per-class counts behind it (int64 (N, C) each)."""
+
+    cm: ConfusionMatrix
+    inter: np.ndarray
+    union: np.ndarray
+
+
+def evaluate_folder(pred_dir: Path, ds, workers: int = 4) -> Scores:
+    """Confusion matrix of ``pred_dir/<id>.png`` against ``ds.mask(i)`` for every image of ``ds``,
+    with every image's intersection and union counts (for ``tkpbench.stats``).
 
     A missing prediction, a size mismatch or a class index >= num_classes is a DatasetError naming the file.
     """
@@ -54,10 +65,12 @@ def evaluate_folder(pred_dir: Path, ds, workers: int = 4) -> ConfusionMatrix:
                                f"{w}x{h}; predictions must have the image's own size")
         return pred, gt
 
+    inter = np.zeros((len(ds), ds.num_classes), dtype=np.int64)
+    union = np.zeros_like(inter)
     with ThreadPoolExecutor(workers) as pool:
-        for pred, gt in pool.map(load, range(len(ds))):
-            cm.update(pred, gt)
-    return cm
+        for n, (pred, gt) in enumerate(pool.map(load, range(len(ds)))):
+            inter[n], union[n] = ConfusionMatrix.inter_union(cm.update(pred, gt))
+    return Scores(cm, inter, union)
 
 
 def print_table(classes, columns: dict[str, np.ndarray], title: str) -> None:
@@ -77,8 +90,10 @@ def score_pseudo_masks(run_dir: Path, cfg, results: Path = Path("results")) -> d
     t0 = time.perf_counter()
     ds = build_dataset(cfg.data, cfg.data.mask_split)
     run = RunDir(run_dir)
-    cm = evaluate_folder(run.masks, ds)
-    cm_crf = evaluate_folder(run.crf, ds)
+    before, after = evaluate_folder(run.masks, ds), evaluate_folder(run.crf, ds)
+    cm, cm_crf = before.cm, after.cm
+    counts = Path(results) / run.name / "counts_mask.npz"
+    save_counts(counts, ds.ids, inter=before.inter, union=before.union, inter_crf=after.inter, union_crf=after.union)
     rec = StageRecord(
         stage="mask", dataset=cfg.data.dataset, split=cfg.data.mask_split, miou=round(100 * cm.miou(), 3),
         per_class=per_class_dict(ds.classes, cm.iou()), num_images=len(ds), miou_crf=round(100 * cm_crf.miou(), 3),
@@ -89,6 +104,7 @@ def score_pseudo_masks(run_dir: Path, cfg, results: Path = Path("results")) -> d
                   "encoder_weights": cfg.model.weights or "random", "pooling": cfg.model.pooling, "k": cfg.model.k,
                   "pce": cfg.model.pce, "eps": cfg.model.eps, "alpha": cfg.model.alpha},
         synthetic=cfg.synthetic, model_sha256=model_digest(run.final), settings=chain_settings("crf", cfg),
+        counts_file=counts.name,
     )
     write_stage(results, Path(run_dir).name, stamp(rec, time.perf_counter() - t0), cfg.to_dict())
     return {"miou": cm.miou(), "miou_crf": cm_crf.miou(), "miou_all_background": cm.all_background_miou()}
@@ -111,7 +127,7 @@ def _main(argv: list[str] | None = None) -> int:
     if args.pred is None or args.split is None or args.root is None:
         p.error("give --run RUN, or --pred DIR --split SPLIT --root DATA_ROOT")
     ds = build_dataset(DataConfig(dataset=args.dataset, root=args.root), args.split)
-    cm = evaluate_folder(args.pred, ds)
+    cm = evaluate_folder(args.pred, ds).cm
     print_table(ds.classes, {"IoU %": cm.iou()}, f"{args.pred} on {args.split} ({len(ds)} images)")
     return 0
 

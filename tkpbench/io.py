@@ -91,7 +91,6 @@ def atomic_save_png(path: Path, image: Any) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
-
     atomic_write(path, lambda f: torch.save(obj, f))
 
 

@@ -16,8 +16,8 @@ def _as_tensor(x) -> Tensor:
 class ConfusionMatrix:
     """``mat[t, p]`` counts pixels of true class t predicted as p; ``ignore_index`` pixels are skipped.
 
-    ``update`` takes numpy arrays or tensors (CPU or GPU) of equal shape; a value outside
-    [0, num_classes) that is not ``ignore_index`` is a ValueError.
+    ``update`` takes numpy arrays or tensors (CPU or GPU) of equal shape and returns that update's
+    own (C, C) counts; a value outside [0, num_classes) that is not ``ignore_index`` is a ValueError.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
@@ -25,7 +25,7 @@ class ConfusionMatrix:
         self.ignore_index = ignore_index
         self.mat: Tensor | None = None
 
-    def update(self, pred, target) -> None:
+    def update(self, pred, target) -> Tensor:
         p, t = _as_tensor(pred), _as_tensor(target)
         if p.shape != t.shape:
             raise ValueError(f"prediction shape {tuple(p.shape)} differs from target shape {tuple(t.shape)}")
@@ -45,6 +45,15 @@ class ConfusionMatrix:
                 raise ValueError(f"class index outside [0, {n}) that is not the ignore index {self.ignore_index}")
         counts = torch.bincount(t * n + p, minlength=(n + 1) * n)[: n * n].reshape(n, n).long()
         self.mat = counts if self.mat is None else self.mat.to(counts.device) + counts
+        return counts
+
+    @staticmethod
+    def inter_union(counts: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Per-class intersection and union pixel counts (int64 (C,) each) of one confusion matrix
+        (what ``update`` returns for one image): the per-image record that ``tkpbench.stats`` resamples."""
+        m = counts.cpu().long()
+        inter = m.diag()
+        return inter.numpy(), (m.sum(0) + m.sum(1) - inter).numpy()
 
     def _m(self) -> Tensor:
         return self.mat if self.mat is not None else torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)

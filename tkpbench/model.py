@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tkpbench.config import ModelConfig
+from tkpbench.config import Config, ModelConfig, config_from_dict
 from tkpbench.encoder import PatchEncoder
 from tkpbench.hv_bilstm import HVBiLSTM
 from tkpbench.pce import patch_contrastive_error
@@ -49,6 +49,15 @@ class TKPPCL(nn.Module):
         z = logits.float().softmax(dim=-1)  # softmax in fp32 even under autocast
         y = self.pooling(z)
         return TKPOutput(z=z, y=y, features=f_out, grid=(h, w))
+
+    @classmethod
+    def from_checkpoint(cls, ck: dict) -> tuple["TKPPCL", "Config"]:
+        """The trained model (eval mode) and its config from a loaded ``final.pt`` (``runs.load_final``)."""
+        cfg = config_from_dict(ck["config"], "final.pt")
+        cfg.model.weights = ""  # the checkpoint's own weights follow
+        model = cls(cfg.model)
+        model.load_state_dict(ck["model"])
+        return model.eval(), cfg
 
     def trainable_head_parameters(self) -> list[nn.Parameter]:
         return list(self.hv_bilstm.parameters()) + list(self.classifier.parameters())
@@ -92,12 +101,20 @@ def merge_with_tags(z: Tensor, tags: Tensor) -> Tensor:
     return m / m.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def merged_grid(z: Tensor, grid: tuple[int, int], tags: Tensor) -> Tensor:
+    """z: (B, S, C) patch scores -> the tag-merged probabilities on the patch grid (B, C, h, w), fp32."""
+    b, s, c = z.shape
+    return merge_with_tags(z.float().transpose(1, 2).reshape(b, c, *grid), tags)
+
+
+def upsample_probs(p: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, C, h, w) -> (B, C, H, W), bilinear. ``runs.load_probs`` makes the same call on stored grids."""
+    return F.interpolate(p, size=size, mode="bilinear", align_corners=False)
+
+
 def patch_masks(z: Tensor, grid: tuple[int, int], tags: Tensor, size: tuple[int, int],
                 return_probs: bool = False):
     """z: (B, S, C) patch scores -> merged (B, C, h, w) -> bilinear to ``size`` -> argmax (B, H, W).
     With ``return_probs`` also the upsampled merged probabilities (B, C, H, W)."""
-    b, s, c = z.shape
-    maps = z.float().transpose(1, 2).reshape(b, c, *grid)
-    merged = merge_with_tags(maps, tags)
-    up = F.interpolate(merged, size=size, mode="bilinear", align_corners=False)
+    up = upsample_probs(merged_grid(z, grid, tags), size)
     return (up.argmax(1), up) if return_probs else up.argmax(1)

@@ -9,7 +9,9 @@ absent classes, divide each class map by its maximum, renormalise), upsampled bi
 the image's own size and arg-maxed. Outputs, one file per image id, atomic, skipped when done:
 
     <run>/pseudo/masks/<id>.png   palette PNG
-    <run>/pseudo/probs/<id>.npz   merged probabilities of the tagged classes (float16, compressed)
+    <run>/pseudo/probs/<id>.npz   merged probabilities of the tagged classes on the patch grid (float32,
+                                  60 x 60 at 960) and the image size; ``runs.load_probs`` upsamples them
+                                  with the call that made the mask (30-100x less disk than full size)
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from tkpbench import cli
 from tkpbench import distributed as D
-from tkpbench.config import Config, config_from_dict
+from tkpbench.config import Config
 from tkpbench.data.common import save_mask
 from tkpbench.data.transforms import build_dataset
-from tkpbench.model import TKPPCL, patch_masks
+from tkpbench.model import TKPPCL, merged_grid, upsample_probs
 from tkpbench.progress import track
 from tkpbench.runs import (
     RunDir,
@@ -76,12 +78,8 @@ class _InferSet(Dataset):
 
 def load_run(run_dir: Path) -> tuple[Config, TKPPCL]:
     """The trained model of a run folder (eval mode, on the CPU) and the config it was trained with."""
-    ck = load_final(run_dir)
-    cfg = config_from_dict(ck["config"], f"{run_dir}/final.pt")
-    cfg.model.weights = ""  # the run's own weights follow
-    model = TKPPCL(cfg.model)
-    model.load_state_dict(ck["model"])
-    return cfg, model.eval()
+    model, cfg = TKPPCL.from_checkpoint(load_final(run_dir))
+    return cfg, model
 
 
 @torch.no_grad()
@@ -111,10 +109,10 @@ def generate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
     writer = ThreadPoolExecutor(4)
     pending: deque = deque()
 
-    def write(image_id: str, mask: np.ndarray, probs: np.ndarray | None, classes: np.ndarray) -> None:
+    def write(image_id: str, mask: np.ndarray, grid: np.ndarray | None, classes: np.ndarray, size) -> None:
         save_mask(run.masks / f"{image_id}.png", mask)
-        if probs is not None:
-            save_probs(run.probs / f"{image_id}.npz", probs, classes)
+        if grid is not None:
+            save_probs(run.probs / f"{image_id}.npz", grid, classes, size)
 
     for x, tags, idx, hw in track(loader, total=len(loader), description=f"pseudo masks {split}",
                                   enabled=progress and dist.is_main):
@@ -124,12 +122,12 @@ def generate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
         tags[:, 0] = True
         for b in range(x.shape[0]):  # each image goes back to its own size
             h, w = hw[b].tolist()
-            _, probs = patch_masks(o.z[b:b + 1], o.grid, tags[b:b + 1], (h, w), return_probs=True)
+            merged = merged_grid(o.z[b:b + 1], o.grid, tags[b:b + 1])  # (1, C, h', w') on the patch grid
+            mask = upsample_probs(merged, (h, w))[0].argmax(0).to(torch.uint8).cpu().numpy()
             classes = tags[b].nonzero().flatten()
-            # only the tagged classes leave the device (the others are 0), as the float16 that is stored
-            kept = probs[0, classes].half().cpu().numpy() if cfg.pseudo.save_probs else None
-            mask = probs[0].argmax(0).to(torch.uint8).cpu().numpy()
-            pending.append(writer.submit(write, base.ids[int(idx[b])], mask, kept, classes.cpu().numpy()))
+            # only the tagged classes' grid leaves the device (the others are 0); the CRF upsamples it again
+            kept = merged[0, classes].cpu().numpy() if cfg.pseudo.save_probs else None
+            pending.append(writer.submit(write, base.ids[int(idx[b])], mask, kept, classes.cpu().numpy(), (h, w)))
             while len(pending) > 32:  # back-pressure: at most 32 images wait for the disk
                 pending.popleft().result()
     for f in pending:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import timm
 import torch
 
 from tkpbench.io import atomic_write_json
@@ -48,6 +51,8 @@ class StageRecord:
     settings: dict[str, Any] = field(default_factory=dict)
     # per-image intersection/union counts beside the record (tkpbench.stats), relative to summary.json
     counts_file: str = ""
+    # what made the figure: CPU model and cores, torch threads, GPUs, package versions, determinism
+    machine: dict[str, Any] = field(default_factory=dict)
 
 
 def git_commit() -> str:
@@ -62,17 +67,50 @@ def git_commit() -> str:
         return "unknown"
 
 
-def device_name() -> str:
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
+
+def machine_info() -> dict[str, Any]:
+    """Everything that can make one figure differ from another run of the same code: results are
+    bit-identical on one kind of machine with one set of versions, not across them."""
+    cuda = torch.cuda.is_available()
+    return {
+        "cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if cuda else "", "gpus": torch.cuda.device_count() if cuda else 0,
+        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda or "",
+        "cudnn": str(torch.backends.cudnn.version() or "") if cuda else "", "timm": timm.__version__,
+        "numpy": np.__version__, "os": platform.platform(terse=True),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+    }
+
+
+def machine_key(m: dict[str, Any]) -> str:
+    """One line naming the machine kind and versions (what two comparable figures must share)."""
+    if not m:
+        return "unknown machine (record written before machine provenance)"
+    where = f"{m.get('gpus')}x {m.get('gpu')}" if m.get("gpus") else f"{m.get('cpu')} ({m.get('cores')} cores)"
+    return f"{where}; torch {m.get('torch')}, timm {m.get('timm')}, numpy {m.get('numpy')}, Python {m.get('python')}"
+
+
+def device_name() -> str:
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
         return f"{n}x {torch.cuda.get_device_name(0)}"
-    return f"CPU ({platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores)"
+    return f"CPU ({_cpu_model()}, {os.cpu_count()} cores)"
 
 
 def stamp(rec: StageRecord, wall_time_s: float) -> StageRecord:
     rec.commit = git_commit()
     rec.device = device_name()
+    rec.machine = machine_info()
     rec.date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     rec.wall_time_s = round(wall_time_s, 2)
     rec.command = " ".join([Path(sys.executable).name, *sys.argv]) if sys.argv else ""
@@ -84,6 +122,7 @@ def write_stage(results_dir: Path, run: str, rec: StageRecord, config: dict[str,
     path = Path(results_dir) / run / "summary.json"
     data = load_summary(path) if path.is_file() else {"schema": SCHEMA_VERSION, "run": run, "stages": {}}
     data["config"] = config
+    data["cwd"] = os.getcwd()  # what a relative data.root in the config is relative to
     data["synthetic"] = bool(rec.synthetic)
     data["stages"][rec.stage] = asdict(rec)
     atomic_write_json(path, data)

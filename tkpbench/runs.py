@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from tkpbench.config import Config, apply_overrides, config_from_dict, load_config
@@ -43,7 +44,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "pseudo": ("pseudo.infer_size", "pseudo.save_probs", "data.tags", "data.dataset", "data.root"),
     "crf": ("crf.iters", "crf.gauss_sxy", "crf.gauss_compat", "crf.bi_sxy", "crf.bi_srgb", "crf.bi_compat",
             "crf.backend"),
-    "seg": ("seg.backbone", "seg.weights", "seg.crop", "seg.batch_size", "seg.lr", "seg.head_lr_mult", "seg.momentum",
+    "seg": ("seg.backbone", "seg.output_stride", "seg.weights", "seg.crop", "seg.batch_size", "seg.lr", "seg.head_lr_mult",
+            "seg.momentum",
             "seg.weight_decay", "seg.poly_power", "seg.iters", "seg.scale_range", "seg.use_crf_masks", "seg.freeze_bn",
             "data.seg_train_split", "train.seed"),
     "seg_eval": ("seg.eval_scales", "seg.eval_flip", "seg.eval_crf"),
@@ -241,21 +243,37 @@ def claim_outputs(folder: Path, model: str, settings: dict[str, Any], subdirs: t
 # ---------------------------------------------------------------------------------------------- stage files
 
 def load_probs(path: Path, num_classes: int) -> np.ndarray:
-    """float32 (C, H, W) from a probs .npz (absent classes are 0). Raises ValueError when damaged."""
+    """float32 (C, H, W) merged probabilities at the image's size (absent classes are 0). The file
+    holds them on the patch grid (``save_probs``) and they are upsampled here with the call that
+    made the pseudo mask (``model.upsample_probs``), so they are the very probabilities the mask
+    is the argmax of. Files of older versions (full-size float16 ``probs``) still load. Raises
+    ValueError when damaged."""
     with np.load(path, allow_pickle=False) as f:
-        probs, classes = f["probs"], f["classes"]
-    if probs.ndim != 3 or probs.shape[0] != len(classes) or (len(classes) and classes.max() >= num_classes):
+        if "grid" in f.files:
+            grid, classes, size = f["grid"], f["classes"], f["size"]
+        else:
+            grid, classes, size = f["probs"], f["classes"], None
+    if grid.ndim != 3 or grid.shape[0] != len(classes) or (len(classes) and classes.max() >= num_classes):
         raise ValueError(f"{path}: malformed probabilities")
-    full = np.zeros((num_classes, *probs.shape[1:]), dtype=np.float32)
-    full[classes] = probs.astype(np.float32)
+    if size is not None:
+        if size.shape != (2,) or size.min() < 1:
+            raise ValueError(f"{path}: malformed image size {size}")
+        grid = F.interpolate(torch.from_numpy(grid.astype(np.float32))[None], size=tuple(int(v) for v in size),
+                             mode="bilinear", align_corners=False)[0].numpy()
+    full = np.zeros((num_classes, *grid.shape[1:]), dtype=np.float32)
+    full[classes] = grid.astype(np.float32)
     return full
 
 
-def save_probs(path: Path, probs: np.ndarray, classes: np.ndarray) -> None:
-    """Merged probabilities of the ``classes`` present, (K, H, W) as float16, compressed, atomically."""
+def save_probs(path: Path, grid: np.ndarray, classes: np.ndarray, size: tuple[int, int]) -> int:
+    """The merged probabilities of the ``classes`` present on the patch grid, (K, h, w) float32,
+    and the image's (H, W), compressed, atomically. 30-100x smaller than the full-size maps and
+    lossless: ``load_probs`` upsamples them exactly as the mask was made. Returns the bytes."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, probs=probs.astype(np.float16), classes=classes.astype(np.int16))
+    np.savez_compressed(buf, grid=grid.astype(np.float32), classes=classes.astype(np.int16),
+                        size=np.asarray(size, dtype=np.int32))
     atomic_write_bytes(path, buf.getvalue())
+    return len(buf.getvalue())
 
 
 def png_ok(path: Path) -> bool:

@@ -29,12 +29,13 @@ from tkpbench import distributed as D
 from tkpbench.config import Config, config_from_dict, dumps
 from tkpbench.crf import dense_crf
 from tkpbench.data.transforms import EvalSet, PseudoMaskSet, build_dataset, eval_transform, seg_train_transform
-from tkpbench.deeplab import DeepLabV2
+from tkpbench.deeplab import DeepLabV2, predict_probs
 from tkpbench.engine import Task, fit, fused_optimizer, unwrap
 from tkpbench.metrics import ConfusionMatrix
 from tkpbench.progress import track
 from tkpbench.records import StageRecord, per_class_dict, stamp, write_stage
 from tkpbench.runs import RunDir, chain_settings, load_final, model_digest, run_config
+from tkpbench.stats import save_counts
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,7 +60,8 @@ class SegTask(Task):
         return build_dataset(self.cfg.data, self.cfg.data.seg_train_split)
 
     def build_model(self) -> nn.Module:
-        m = DeepLabV2(self.base.num_classes, self.cfg.seg.backbone, self.cfg.seg.weights or None)
+        m = DeepLabV2(self.base.num_classes, self.cfg.seg.backbone, self.cfg.seg.weights or None,
+                      output_stride=self.cfg.seg.output_stride)
         if torch.cuda.is_available():
             m = m.to(memory_format=torch.channels_last)
         if self.cfg.seg.freeze_bn:
@@ -114,24 +116,6 @@ class SegTask(Task):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, img: torch.Tensor, scales: list[float], flip: bool, amp: bool) -> torch.Tensor:
-    """Softmax averaged over scales (and flips) at the image's own size. img: (1, 3, H, W) -> (C, H, W)."""
-    h, w = img.shape[-2:]
-    acc = None
-    for s in scales:
-        x = img if s == 1.0 else F.interpolate(img, scale_factor=s, mode="bilinear", align_corners=False)
-        xs = [x, x.flip(-1)] if flip else [x]
-        for n, xi in enumerate(xs):
-            with D.autocast(img.device, amp):
-                logits = model(xi)
-            if n == 1:
-                logits = logits.flip(-1)
-            p = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False).softmax(1)[0]
-            acc = p if acc is None else acc + p
-    return acc / (len(scales) * (2 if flip else 1))
-
-
-@torch.no_grad()
 def evaluate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = None, progress: bool = True,
              results: Path = Path("results")) -> dict[str, float]:
     """Full-resolution evaluation of ``<run>/seg/final.pt`` on ``split``; writes the "seg" record."""
@@ -140,37 +124,46 @@ def evaluate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
     ck = load_final(run.seg)
     cfg = cfg or config_from_dict(ck["config"])
     base = build_dataset(cfg.data, split)
-    model = DeepLabV2(base.num_classes, cfg.seg.backbone)
+    model = DeepLabV2(base.num_classes, cfg.seg.backbone, output_stride=cfg.seg.output_stride)
     model.load_state_dict(ck["model"])
     model = model.to(dist.device).eval()
     ds = Subset(EvalSet(base, eval_transform(None, IMAGENET_MEAN, IMAGENET_STD)),
                 D.shard_indices(len(base), dist.rank, dist.world))
     loader = DataLoader(ds, batch_size=1, num_workers=min(cfg.seg.workers, 4))
     cm, cm_crf = ConfusionMatrix(base.num_classes), ConfusionMatrix(base.num_classes)
+    mine: dict[int, tuple] = {}  # image index -> its (inter, union) counts, and with the CRF
     for img, mask, _, idx in track(loader, total=len(loader), description=f"DeepLab eval {split}",
                                    enabled=progress and dist.is_main):
-        probs = predict(model, img.to(dist.device), list(cfg.seg.eval_scales), cfg.seg.eval_flip, cfg.train.amp)
-        cm.update(probs.argmax(0), mask[0].to(dist.device))
+        probs = predict_probs(model, img.to(dist.device), list(cfg.seg.eval_scales), cfg.seg.eval_flip, cfg.train.amp)
+        iu = ConfusionMatrix.inter_union(cm.update(probs.argmax(0), mask[0].to(dist.device)))
         if cfg.seg.eval_crf:
             q = dense_crf(base.image(int(idx)), probs.cpu().numpy().astype(np.float32), cfg.crf)
-            cm_crf.update(q.argmax(0), mask[0].numpy())
+            iu = iu + ConfusionMatrix.inter_union(cm_crf.update(q.argmax(0), mask[0].numpy()))
+        mine[int(idx)] = iu
     cm.all_reduce()
     cm_crf.all_reduce()
+    per_image = {k: v for part in D.all_gather_object(mine) for k, v in part.items()}
     out = {"miou": cm.miou()}
     if dist.is_main:
+        names = ("inter", "union", "inter_crf", "union_crf")
+        arrays = {n: np.stack([per_image[i][k] for i in range(len(base))]) for k, n in enumerate(names)
+                  if k < len(per_image[0])}
+        counts = Path(results) / run.name / "counts_seg.npz"
+        save_counts(counts, base.ids, **arrays)
         rec = StageRecord(
             stage="seg", dataset=cfg.data.dataset, split=split, miou=round(100 * cm.miou(), 3),
             per_class=per_class_dict(base.classes, cm.iou()), num_images=len(base),
             pixel_accuracy=round(100 * cm.pixel_accuracy(), 3), miou_all_background=round(100 * cm.all_background_miou(), 3),
             miou_crf=round(100 * cm_crf.miou(), 3) if cfg.seg.eval_crf else None,
             per_class_crf=per_class_dict(base.classes, cm_crf.iou()) if cfg.seg.eval_crf else None,
-            protocol={"model": f"DeepLab-v2 {cfg.seg.backbone} OS8 ASPP(6,12,18,24)", "init": cfg.seg.weights or "random",
+            protocol={"model": f"DeepLab-v2 {cfg.seg.backbone} OS{cfg.seg.output_stride} ASPP(6,12,18,24)",
+                      "init": cfg.seg.weights or "random",
                       "train_masks": str(pseudo_mask_dir(run_dir, cfg)), "train_split": cfg.data.seg_train_split,
                       "iters": cfg.seg.iters, "batch": cfg.seg.batch_size, "crop": cfg.seg.crop,
                       "eval_scales": list(cfg.seg.eval_scales), "eval_flip": cfg.seg.eval_flip,
                       "eval_crf": cfg.seg.eval_crf, "resolution": "full"},
             synthetic=cfg.synthetic, model_sha256=model_digest(run.seg.final),
-            settings=chain_settings("seg_eval", cfg),
+            settings=chain_settings("seg_eval", cfg), counts_file=counts.name,
         )
         write_stage(results, Path(run_dir).name, stamp(rec, time.perf_counter() - t0), cfg.to_dict())
     return out
@@ -189,7 +182,7 @@ def _main(argv: list[str] | None = None) -> int:
         if args.cmd == "train":
             fit(SegTask(cfg, args.run), cfg.to_dict(), RunDir(args.run).seg.root, dist,
                 resume=None if args.resume == "no" else args.resume, force=args.force,
-                progress=not args.no_progress, config_text=dumps(cfg))
+                progress=not args.no_progress, config_text=dumps(cfg), tensorboard=args.tensorboard)
         else:
             r = evaluate(args.run, args.split or cfg.data.val_split, dist, cfg, not args.no_progress, args.results)
             if dist.is_main:

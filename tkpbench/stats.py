@@ -87,10 +87,20 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def canonical_order(*arrays: np.ndarray) -> np.ndarray:
+    """An order of the images (axis -2 of every array) that depends only on their counts, so that an
+    interval never depends on the order a split lists its images in (resampling is then exactly
+    reproducible for the same images in any order)."""
+    key = np.concatenate([np.moveaxis(np.asarray(a), -2, 0).reshape(np.shape(a)[-2], -1) for a in arrays], axis=1)
+    return np.lexsort(key.T[::-1])
+
+
 def image_interval(inter: np.ndarray, union: np.ndarray, n_resamples: int = 2000, seed: int = 0,
                    batch: int | None = None) -> Estimate:
     """mIoU of one run with a 95% percentile-bootstrap interval over its images. inter, union: (N, C)."""
     inter, union = np.asarray(inter), np.asarray(union)
+    order = canonical_order(inter, union)
+    inter, union = inter[order], union[order]
 
     def stat(idx, axis=-1):
         idx = np.asarray(idx, dtype=np.int64)
@@ -154,6 +164,8 @@ def seed_and_image_interval(inter: np.ndarray, union: np.ndarray, n_resamples: i
     error over images of the seed-averaged mIoU; the interval is mean +- t(S-1) * se. A bootstrap
     over 2-3 seeds would be far too narrow (3 seeds have 10 distinct resamples), hence the t term."""
     inter, union = np.asarray(inter), np.asarray(union)
+    order = canonical_order(inter, union)
+    inter, union = inter[:, order], union[:, order]
     per_seed = miou_from_counts(inter, union)
     seeds = np.arange(len(inter))
     res = _image_resampled(lambda i: _per_seed_miou(inter, union, np.broadcast_to(seeds, (*np.shape(i)[:-1], len(seeds))),
@@ -170,6 +182,8 @@ def paired_difference(a_inter: np.ndarray, a_union: np.ndarray, b_inter: np.ndar
     a_i, a_u, b_i, b_u = (np.asarray(x) for x in (a_inter, a_union, b_inter, b_union))
     if a_i.shape[:2] != b_i.shape[:2]:
         raise ValueError(f"paired variants need the same seeds and images: {a_i.shape[:2]} vs {b_i.shape[:2]}")
+    order = canonical_order(a_i, a_u, b_i, b_u)
+    a_i, a_u, b_i, b_u = (x[:, order] for x in (a_i, a_u, b_i, b_u))
     delta = miou_from_counts(a_i, a_u) - miou_from_counts(b_i, b_u)
     seeds = np.arange(len(a_i))
 

@@ -116,7 +116,8 @@ def evaluate_patch_predictions(model: TKPPCL, cfg: Config, dist: D.DistInfo, bas
     was_training = model.training
     model.eval()
     size = cfg.model.img_size
-    ds = Subset(EvalSet(base, eval_transform(size, model.encoder.mean, model.encoder.std)), D.shard_indices(len(base), dist.rank, dist.world))
+    ds = Subset(EvalSet(base, eval_transform(size, model.encoder.mean, model.encoder.std)),
+                D.shard_indices(len(base), dist.rank, dist.world))
     loader = DataLoader(ds, batch_size=8, num_workers=min(cfg.data.workers, 4))
     cm = ConfusionMatrix(base.num_classes)
     counts = torch.zeros(3, dtype=torch.float64, device=dist.device)  # tp, fp, fn
@@ -148,7 +149,7 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         fit(TKPTask(cfg), cfg.to_dict(), Path(args.runs) / cfg.name, dist,
             resume=None if args.resume == "no" else args.resume, force=args.force, progress=not args.no_progress,
-            config_text=dumps(cfg))
+            config_text=dumps(cfg), tensorboard=args.tensorboard)
     finally:
         D.cleanup()
     return 0

@@ -22,7 +22,8 @@ from tkpbench.data.voc import prepare_train_aug
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tkpbench.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="tkpbench data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("download", help="fetch archives (resumable, checksummed) and extract them")
     d.add_argument("what", choices=["voc", "sbd", "coco", "weights"])

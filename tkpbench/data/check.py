@@ -65,7 +65,8 @@ def check_dataset(dataset: str, root: str | Path, splits: list[str], decode: boo
                 "  python -m tkpbench.data download voc --root DATA          # VOC 2012 devkit",
                 "  python -m tkpbench.data download sbd --root DATA          # SBD, for train_aug",
                 "  python -m tkpbench.data prepare-aug --root DATA/VOCdevkit/VOC2012 --sbd DATA/benchmark_RELEASE/dataset",
-                "  (or copy the common SegmentationClassAug/ folder and ImageSets/Segmentation/train_aug.txt into the VOC2012 folder)",
+                "  (or copy the common SegmentationClassAug/ folder and ImageSets/Segmentation/train_aug.txt"
+                " into the VOC2012 folder)",
             ]
         else:
             lines += [

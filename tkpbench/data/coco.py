@@ -31,7 +31,6 @@ FIX_DOWNLOAD = "python -m tkpbench.data download coco --root DIR"
 
 
 def _load_coco(ann_file: Path):
-
     if not ann_file.is_file():
         raise DatasetError(
             f"COCO annotation file {ann_file} does not exist; expected annotations/instances_<split>.json. Fix: {FIX_DOWNLOAD}"

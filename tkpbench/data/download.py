@@ -124,7 +124,8 @@ def safe_extract(archive: Path, root: Path) -> None:
             with tarfile.open(archive) as t:
                 for m in t.getmembers():
                     if not _inside(tmp.resolve(), m.name) or m.issym() or m.islnk() or m.isdev():
-                        raise DownloadError(f"{archive}: member {m.name!r} is a link or would be written outside {root}; refusing to extract")
+                        raise DownloadError(f"{archive}: member {m.name!r} is a link or would be written outside "
+                                            f"{root}; refusing to extract")
                 t.extractall(tmp, filter="data")
         for item in tmp.iterdir():
             target = root / item.name

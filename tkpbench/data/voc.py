@@ -134,7 +134,6 @@ def train_aug_ids(voc_train: list[str], voc_val: list[str], sbd_train: list[str]
 
 
 def _load_sbd_cls(path: Path) -> np.ndarray:
-
     try:
         mat = loadmat(str(path), squeeze_me=True, struct_as_record=False)
         return np.asarray(mat["GTcls"].Segmentation, dtype=np.uint8)
@@ -177,7 +176,8 @@ def prepare_train_aug(voc_root: Path, sbd_root: Path, workers: int = 0, progress
     workers = workers or os.cpu_count() or 1
 
     with ProcessPoolExecutor(workers) as pool:
-        for r in track(pool.map(_convert_one, jobs, chunksize=64), total=len(jobs), description="train_aug masks", enabled=progress):
+        converted = pool.map(_convert_one, jobs, chunksize=64)
+        for r in track(converted, total=len(jobs), description="train_aug masks", enabled=progress):
             counts[r] += 1
     atomic_write_text(seg / "train_aug.txt", "\n".join(ids) + "\n")
     return counts
