@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -20,8 +21,10 @@ def _caches_in_a_temporary_folder(tmp_path_factory):
     os.environ["TKPBENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
-def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file and folder under ``root`` with a digest of its bytes (folders: their names)."""
+    return {str(p.relative_to(root)): (hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(root.rglob("*"))}
 
 
 @pytest.fixture(scope="session", autouse=True)

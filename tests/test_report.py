@@ -101,3 +101,23 @@ def test_fig5_grid_has_titles_one_row_per_image_four_columns_and_a_legend(tmp_pa
     assert arr[header + 80, 240 + 120].tolist() == [192, 128, 128]
     assert (arr[:header] < 128).any()  # the titles are drawn
     assert (arr[-legend:] == [192, 128, 128]).all(-1).any()  # the legend shows the class colour
+
+
+def test_training_curves_and_per_class_bars_are_drawn_from_what_runs_write(tmp_path):
+    import json
+
+    from tkpbench.report import fig_curves, fig_per_class
+
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    lines = [{"step": s, "epoch": 1 + s // 5, "loss": 1 / s, "mce": 0.9 / s, "pce": 0.1, "lr": 1e-3} for s in range(1, 11)]
+    lines += [{"step": 5, "epoch": 1, "val_miou": 0.3, "val_f1": 0.2}, {"step": 10, "epoch": 2, "val_miou": 0.5}]
+    (run / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    curves = np.asarray(Image.open(fig_curves(run, tmp_path / "curves.png")).convert("L"))
+    assert curves.std() > 10
+    rec = StageRecord(stage="mask", dataset="voc", split="train", miou=50.0, per_class={}, num_images=3,
+                      per_class_crf={"background": 90.0, "cat": 30.0})
+    write_stage(tmp_path / "results", "r", rec, _cfg("topk", True))
+    bars = np.asarray(Image.open(fig_per_class(load_results(tmp_path / "results"), tmp_path / "bars.png")).convert("L"))
+    assert bars.std() > 10
+    assert fig_curves(tmp_path / "nothing", tmp_path / "none.png") is None

@@ -455,7 +455,8 @@ def fig_curves(run_dir: Path, out: Path) -> Path | None:
         row[1].set_title(f"{name}: learning rate", fontsize=10)
         vals = [r for r in recs if any(k.startswith("val_") for k in r)]
         for k in sorted({k for r in vals for k in r if k.startswith("val_")}):
-            row[2].plot([r["epoch"] for r in vals], [r[k] for r in vals], "o-", label=k)
+            pts = [(r["epoch"], r[k]) for r in vals if k in r]  # a metric may be missing from some epochs
+            row[2].plot([e for e, _ in pts], [v for _, v in pts], "o-", label=k)
         row[2].set_title(f"{name}: validation per epoch", fontsize=10)
         if vals:
             row[2].legend(fontsize=8)
