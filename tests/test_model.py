@@ -80,3 +80,18 @@ def test_merge_zeroes_absent_classes_and_renormalises():
     torch.testing.assert_close(m.sum(1), torch.ones(2, 3, 3))
     assert torch.all(m[0, [1, 3]] == 0) and torch.all(m[1, 2] == 0)
     assert torch.all(m[0, 0] > 0)  # background is always kept
+
+
+def test_classifier_softmax_and_pooling_run_in_fp32_under_bf16_autocast():
+    """As ViT-PCM: the head's logits are not rounded to bf16 even when the encoder runs in bf16."""
+    from tkpbench.config import ModelConfig
+    from tkpbench.model import TKPPCL
+
+    torch.manual_seed(0)
+    m = TKPPCL(ModelConfig(encoder="vit_tiny_patch16_224", encoder_kwargs={"depth": 1}, weights="", img_size=32,
+                           hidden=8, k=2)).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(torch.randn(2, 3, 32, 32))
+    expected = torch.softmax(out.features.float() @ m.classifier.weight.float().T, dim=-1)
+    assert out.z.dtype == torch.float32
+    torch.testing.assert_close(out.z, expected, rtol=0, atol=1e-6)

@@ -165,3 +165,20 @@ def test_evaluate_command_prints_a_per_class_table(synth_root, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "background" in out and "mIoU" in out and "100.0" in out
     assert main(["--pred", str(tmp_path / "none"), "--split", "val", "--root", str(synth_root / "VOC2012")]) == 2
+
+
+def test_align_corners_is_stored_with_the_probabilities_and_used_when_they_load(trained_run, tmp_path):
+    """pseudo.align_corners = true (ViT-PCM's resize): the masks and the stored probabilities agree."""
+    import copy
+    import shutil
+
+    run, cfg = trained_run
+    other = tmp_path / "run"
+    shutil.copytree(run, other, ignore=shutil.ignore_patterns("pseudo"))
+    cfg2 = copy.deepcopy(cfg)
+    cfg2.pseudo.align_corners = True
+    generate(other, "train", D.DistInfo(), cfg2, progress=False)
+    ds = VOCSegmentation(cfg.data.root, "train")
+    for i in range(len(ds)):
+        m = np.array(Image.open(other / "pseudo" / "masks" / f"{ds.ids[i]}.png"))
+        assert np.array_equal(load_probs(other / "pseudo" / "probs" / f"{ds.ids[i]}.npz", 21).argmax(0), m)

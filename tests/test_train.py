@@ -156,3 +156,46 @@ def test_tensorboard_logging_writes_events_or_says_how_to_install_it(synth_root,
     else:
         fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "t", CPU, progress=False, tensorboard=True)
         assert list((tmp_path / "t" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_keep_best_makes_the_best_val_epoch_final(synth_root, tmp_path):
+    """train.keep = "best" (ViT-PCM's save_best_only): final.pt holds the weights of the epoch with
+    the best val mIoU, here scripted to be epoch 2 of 3."""
+    scripted = {1: 0.2, 2: 0.9, 3: 0.5}
+
+    class Scripted(TKPTask):
+        def evaluate(self, model, dist):
+            return {"miou": scripted[self._epochs_seen()]}
+
+        def _epochs_seen(self):
+            self.seen = getattr(self, "seen", 0) + 1
+            return self.seen
+
+    cfg = tiny_config(synth_root / "VOC2012", train__keep="best", train__eval_every="1", train__keep_checkpoints="10")
+    fit(Scripted(cfg), cfg.to_dict(), tmp_path / "b", CPU, progress=False)
+    final = torch.load(tmp_path / "b" / "final.pt", weights_only=True)
+    per_epoch = final["step"] // 3
+    epoch2 = torch.load(tmp_path / "b" / "checkpoints" / f"step_{2 * per_epoch:08d}.pt", weights_only=True)["model"]
+    last = load_latest(tmp_path / "b" / "checkpoints")["model"]
+    assert all(torch.equal(final["model"][k], epoch2[k]) for k in epoch2)
+    assert not all(torch.equal(final["model"][k], last[k]) for k in last)
+    assert final["kept"].startswith("best miou 0.9000 at epoch 2")
+
+
+def test_keep_best_without_an_evaluation_every_epoch_is_refused(synth_root):
+    from tkpbench.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.keep = 'best' needs an evaluation every epoch"):
+        tiny_config(synth_root / "VOC2012", train__keep="best", train__eval_every="0")
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_a_fresh_adam_at_the_unfreeze_when_asked(synth_root, tmp_path, reset):
+    """train.reset_optimizer_at_unfreeze (ViT-PCM compiles a new optimiser there): Adam's step count
+    restarts at the first fine-tuning epoch; by default it carries on."""
+    cfg = tiny_config(synth_root / "VOC2012", train__reset_optimizer_at_unfreeze=str(reset).lower())
+    fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "r", CPU, progress=False)
+    ck = load_latest(tmp_path / "r" / "checkpoints")
+    steps = {int(s["step"]) for s in ck["optimizer"]["state"].values()}
+    per_epoch = ck["step"] // 3
+    assert steps == ({2 * per_epoch} if reset else {3 * per_epoch, 2 * per_epoch})

@@ -345,7 +345,7 @@ def projection(out: dict) -> dict:
     """Wall-clock of each full target on this device, from the per-image figures just measured
     (training steps x s/step, images / images per s); a missing measurement leaves its stage out."""
     m, p = out.get("model"), out.get("pseudo_masks_at_960")
-    crf = out.get("crf", {}).get("photo", {})
+    crf = out.get("crf_500x375x21", {}).get("photo", {})
     dl = out.get("deeplab_resnet101_crop321", {})
     dl = dl.get("bf16_channels_last") or dl.get("fp32")
     proj = {}
@@ -377,8 +377,8 @@ def print_summary(out: dict) -> None:
         rows.append(("TKP-PCL training, ViT-B/16 at 384", f"{out['model']['images_per_s']} images/s"))
     if "pseudo_masks_at_960" in out:
         rows.append(("pseudo-mask inference at 960", f"{out['pseudo_masks_at_960']['images_per_s']} images/s"))
-    if "crf" in out and "photo" in out["crf"]:
-        ips = out["crf"]["photo"]["pydensecrf_images_per_s_all_cores"]
+    if "photo" in out.get("crf_500x375x21", {}):
+        ips = out["crf_500x375x21"]["photo"]["pydensecrf_images_per_s_all_cores"]
         rows.append(("CRF, pydensecrf, all cores (photo)", f"{ips} images/s"))
     for name, r in out.get("deeplab_resnet101_crop321", {}).items():
         rows.append((f"DeepLab-v2 ResNet-101 training ({name})", f"{r['images_per_s']} images/s"))

@@ -73,3 +73,13 @@ def guard(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | Non
         code = getattr(e, "exit_code", 2)  # a stop by a signal: 128 + its number
         print(f"{'interrupted' if code > 128 else 'error'}: {e}", file=sys.stderr)
         return code
+
+
+def entry(run: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
+    """A command's ``main(argv=None)``: ``run`` through ``guard``. Each stage module ends with
+    ``main = cli.entry(_main)``."""
+    def main(argv: Sequence[str] | None = None) -> int:
+        return guard(run, argv)
+
+    main.__doc__ = "The command; a user error ends with one message and a non-zero exit (tkpbench.cli.guard)."
+    return main

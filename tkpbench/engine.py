@@ -53,6 +53,8 @@ class Task(abc.ABC):
     keep_checkpoints = 2
     amp = True
     workers = 0
+    keep = "last"  # which weights become final.pt: "last", or "best" by evaluate()[best_metric]
+    best_metric = "miou"
 
     @abc.abstractmethod
     def build_model(self) -> nn.Module:
@@ -80,6 +82,10 @@ class Task(abc.ABC):
 
     def set_phase(self, model: nn.Module, epoch: int) -> bool:
         """Set requires_grad for ``epoch``; True when it changed (DDP is then re-wrapped)."""
+        return False
+
+    def reset_optimizer_at(self, epoch: int) -> bool:
+        """Whether a fresh optimiser starts at the beginning of ``epoch`` (ViT-PCM: at the unfreeze)."""
         return False
 
     def train_mode(self, model: nn.Module) -> None:
@@ -177,6 +183,7 @@ class Trainer:
         self.resume_from, self.force, self.show_progress, self.config_text = resume, force, progress, config_text
         self.main = dist.is_main
         self.state = RunState()
+        self.best: float | None = None  # the best evaluate()[best_metric] so far (train.keep = "best")
         self.signals = _Signals()
         self.stop_signal: int | None = None  # set by train_step when any rank received SIGTERM/SIGINT
         self.prog = None
@@ -290,6 +297,7 @@ class Trainer:
             unwrap(self.model).load_state_dict(ck["model"])
             self.optimizer.load_state_dict(ck["optimizer"])
             self.state = RunState(ck["epoch"], ck["batch_in_epoch"], ck["step"])
+            self.best = ck.get("best_metric")
             if ck.get("world") == self.dist.world:
                 D.set_rng_state(ck["rng"][self.dist.rank])
             else:
@@ -321,6 +329,9 @@ class Trainer:
 
     def begin_epoch(self) -> None:
         changed = self.task.set_phase(self.model, self.state.epoch)
+        if self.state.batch_in_epoch == 0 and self.task.reset_optimizer_at(self.state.epoch):
+            # at the start of that epoch, also when resuming there: the checkpoint holds the state before it
+            self.optimizer = self.task.optimizer(self.model)
         if self.dist.enabled and (not self.wrapped or changed):
             self.ddp = DDP(self.model, device_ids=[self.dist.local_rank] if self.dist.device.type == "cuda" else None)
             self.wrapped = True
@@ -394,7 +405,19 @@ class Trainer:
                 metrics = self.task.evaluate(self.model, self.dist)
             self.log({"step": st.step, "epoch": st.epoch, **{f"val_{k}": v for k, v in metrics.items()}})
             self.say(f"epoch {st.epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            self._keep_if_best(metrics)
         self.checkpoint()
+
+    def _keep_if_best(self, metrics: dict[str, float]) -> None:
+        """train.keep = "best": the weights of the best evaluation so far go to best.pt (ties keep the earlier)."""
+        value = metrics.get(self.task.best_metric)
+        if self.task.keep != "best" or value is None or (self.best is not None and value <= self.best):
+            return
+        self.best = value
+        if self.main:
+            atomic_torch_save(self.run.best, {"format": CHECKPOINT_FORMAT, "model": unwrap(self.model).state_dict(),
+                                              "epoch": self.state.epoch, "step": self.state.step,
+                                              self.task.best_metric: value, "task": self.task.name})
 
     def interrupted(self) -> None:
         path = self.checkpoint()
@@ -430,14 +453,20 @@ class Trainer:
         return self.ckpt.save({
             "task": self.task.name, "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
             "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch, "step": st.step, "config": self.cfg_dict,
-            "world": self.dist.world, "log_bytes": log_bytes,
+            "world": self.dist.world, "log_bytes": log_bytes, "best_metric": self.best,
         }, st.step, tag)
 
     def save_final(self) -> None:
+        """final.pt: the last weights, or with train.keep = "best" those of the best evaluation."""
         if self.main:
-            atomic_torch_save(self.run.final, {"format": CHECKPOINT_FORMAT, "model": unwrap(self.model).state_dict(),
-                                               "config": self.cfg_dict, "step": self.state.step,
-                                               "task": self.task.name})
+            weights, kept = unwrap(self.model).state_dict(), f"last (step {self.state.step})"
+            if self.task.keep == "best" and self.run.best.is_file():
+                best = load_checkpoint(self.run.best)
+                weights = best["model"]
+                kept = f"best {self.task.best_metric} {best[self.task.best_metric]:.4f} at epoch {best['epoch']}"
+                self.say(f"final.pt: the weights of epoch {best['epoch']} ({kept})")
+            atomic_torch_save(self.run.final, {"format": CHECKPOINT_FORMAT, "model": weights, "config": self.cfg_dict,
+                                               "step": self.state.step, "task": self.task.name, "kept": kept})
         D.barrier()
 
 

@@ -45,9 +45,11 @@ class TKPPCL(nn.Module):
         tokens, (h, w) = self.encoder(x)  # (B, S, E)
         b = tokens.shape[0]
         f_out = self.hv_bilstm(tokens.reshape(b, h, w, -1)).reshape(b, h * w, -1)  # (B, S, 4*hidden)
-        logits = self.classifier(self.dropout(f_out))
-        z = logits.float().softmax(dim=-1)  # softmax in fp32 even under autocast
-        y = self.pooling(z)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            # classifier, softmax (Eq. 1) and pooling in fp32 even under bf16 autocast, as ViT-PCM
+            logits = self.classifier(self.dropout(f_out.float()))
+            z = logits.softmax(dim=-1)
+            y = self.pooling(z)
         return TKPOutput(z=z, y=y, features=f_out, grid=(h, w))
 
     @classmethod
@@ -107,14 +109,15 @@ def merged_grid(z: Tensor, grid: tuple[int, int], tags: Tensor) -> Tensor:
     return merge_with_tags(z.float().transpose(1, 2).reshape(b, c, *grid), tags)
 
 
-def upsample_probs(p: Tensor, size: tuple[int, int]) -> Tensor:
-    """(B, C, h, w) -> (B, C, H, W), bilinear. ``runs.load_probs`` makes the same call on stored grids."""
-    return F.interpolate(p, size=size, mode="bilinear", align_corners=False)
+def upsample_probs(p: Tensor, size: tuple[int, int], align_corners: bool = False) -> Tensor:
+    """(B, C, h, w) -> (B, C, H, W), bilinear (``pseudo.align_corners``: ViT-PCM's resize uses True).
+    ``runs.load_probs`` makes the same call on stored grids."""
+    return F.interpolate(p, size=size, mode="bilinear", align_corners=align_corners)
 
 
 def patch_masks(z: Tensor, grid: tuple[int, int], tags: Tensor, size: tuple[int, int],
-                return_probs: bool = False):
+                return_probs: bool = False, align_corners: bool = False):
     """z: (B, S, C) patch scores -> merged (B, C, h, w) -> bilinear to ``size`` -> argmax (B, H, W).
     With ``return_probs`` also the upsampled merged probabilities (B, C, H, W)."""
-    up = upsample_probs(merged_grid(z, grid, tags), size)
+    up = upsample_probs(merged_grid(z, grid, tags), size, align_corners)
     return (up.argmax(1), up) if return_probs else up.argmax(1)

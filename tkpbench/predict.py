@@ -80,7 +80,8 @@ def tkp_probs(model: TKPPCL, cfg: Config, image: np.ndarray, tags: torch.Tensor 
     if tags is None:
         tags = out.y[0] > threshold
         tags[0] = True
-    _, probs = patch_masks(out.z, out.grid, tags[None], image.shape[:2], return_probs=True)
+    _, probs = patch_masks(out.z, out.grid, tags[None], image.shape[:2], return_probs=True,
+                           align_corners=cfg.pseudo.align_corners)
     return probs[0], tags
 
 
@@ -157,9 +158,7 @@ def _main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command; a user error ends with one message and a non-zero exit (``tkpbench.cli.guard``)."""
-    return cli.guard(_main, argv)
+main = cli.entry(_main)
 
 
 if __name__ == "__main__":

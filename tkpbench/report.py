@@ -373,12 +373,7 @@ def fig4_sweep(runs: list[dict], out: Path) -> Path | None:
         ax.set_ylabel("mask mIoU % (CRF)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return _save(fig, out)
 
 
 def fig_seeds(groups: list[Group], out: Path) -> Path | None:
@@ -406,12 +401,7 @@ def fig_seeds(groups: list[Group], out: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return _save(fig, out)
 
 
 def _pyplot():
@@ -425,10 +415,10 @@ def _pyplot():
 
 
 def _save(fig, out: Path) -> Path:
+    """Write a figure as PNG atomically (a temporary file, then rename) and close it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.png")
     fig.savefig(tmp)
-    fig.clf()
     _pyplot().close(fig)
     tmp.replace(out)
     return out
@@ -609,9 +599,7 @@ def _main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command; a user error ends with one message and a non-zero exit (``tkpbench.cli.guard``)."""
-    return cli.guard(_main, argv)
+main = cli.entry(_main)
 
 
 if __name__ == "__main__":

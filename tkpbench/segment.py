@@ -192,9 +192,7 @@ def _main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command; a user error ends with one message and a non-zero exit (``tkpbench.cli.guard``)."""
-    return cli.guard(_main, argv)
+main = cli.entry(_main)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ class TKPTask(Task):
         self.global_batch, self.micro_batch, self.seed = t.batch_size, t.micro_batch, t.seed
         self.ckpt_every, self.log_every, self.keep_checkpoints, self.amp = t.ckpt_every, t.log_every, t.keep_checkpoints, t.amp
         self.workers = cfg.data.workers
+        self.keep = t.keep
         self._phase: str | None = None
 
     def build_model(self) -> nn.Module:
@@ -79,6 +80,10 @@ class TKPTask(Task):
     def lr_factors(self, step: int, epoch: int) -> list[float]:
         t = self.cfg.train
         return [t.lr_warmup if epoch < t.warmup_epochs else t.lr]
+
+    def reset_optimizer_at(self, epoch: int) -> bool:
+        t = self.cfg.train
+        return t.reset_optimizer_at_unfreeze and t.warmup_epochs > 0 and epoch == t.warmup_epochs
 
     def set_phase(self, model: nn.Module, epoch: int) -> bool:
         m: TKPPCL = unwrap(model)
@@ -128,7 +133,7 @@ def evaluate_patch_predictions(model: TKPPCL, cfg: Config, dist: D.DistInfo, bas
         pred_tags = out.y[:, 1:] > 0.5
         t = tags[:, 1:]
         counts += torch.stack([(pred_tags & t).sum(), (pred_tags & ~t).sum(), (~pred_tags & t).sum()]).double()
-        pred = patch_masks(out.z, out.grid, tags, (size, size))
+        pred = patch_masks(out.z, out.grid, tags, (size, size), align_corners=cfg.pseudo.align_corners)
         cm.update(pred, mask)
     counts = D.all_reduce_sum(counts)
     cm.all_reduce()
@@ -155,9 +160,7 @@ def _main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command; a user error ends with one message and a non-zero exit (``tkpbench.cli.guard``)."""
-    return cli.guard(_main, argv)
+main = cli.entry(_main)
 
 
 if __name__ == "__main__":
