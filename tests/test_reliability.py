@@ -55,6 +55,7 @@ def test_a_crafted_pickle_payload_is_never_executed(synth_root, tmp_path):
     run = tmp_path / "run"
     _malicious(run / "final.pt", marker)
     _malicious(run / "checkpoints" / "step_00000009.pt", marker)
+    _malicious(run / "seg" / "final.pt", marker)
     with pytest.raises(CheckpointError, match="would have to run code"):
         load_final(run)
     warnings = []
@@ -62,11 +63,14 @@ def test_a_crafted_pickle_payload_is_never_executed(synth_root, tmp_path):
     cfg = tiny_config(synth_root / "VOC2012", train__epochs="1")
     with pytest.raises(TrainingError, match="would have to run code"):  # an explicit --resume path
         fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "other", D.DistInfo(), resume=str(run / "final.pt"), progress=False)
-    for module in ("tkpbench.pseudo", "tkpbench.segment"):  # the commands that read a run someone sent
-        args = ["--run", str(run), "--config", str(REPO / "configs" / "demo.toml")]
-        r = subprocess.run([sys.executable, "-m", module, *(["eval"] if module.endswith("segment") else []), *args],
-                           env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    image = next((synth_root / "VOC2012" / "JPEGImages").glob("*.jpg"))
+    demo = ["--config", str(REPO / "configs" / "demo.toml")]
+    for cmd in (["tkpbench.pseudo", "--run", str(run), *demo],  # the commands that read a run someone sent
+                ["tkpbench.segment", "eval", "--run", str(run), *demo],
+                ["tkpbench.predict", "--run", str(run), str(image), "--out", str(tmp_path / "out")]):
+        r = subprocess.run([sys.executable, "-m", *cmd], env=_env(), cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2 and "would have to run code" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not marker.exists()
     # a file that is not a tkpbench checkpoint at all is refused by name
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")

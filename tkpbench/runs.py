@@ -115,7 +115,9 @@ def load_final(run: str | Path | RunDir) -> dict[str, Any]:
     """``final.pt`` of a run folder (TKP-PCL's, or ``RunDir(run).seg`` for DeepLab's)."""
     run = run if isinstance(run, RunDir) else RunDir(run)
     if not run.final.is_file():
-        raise CheckpointError(f"{run.final} does not exist; train the run first (python -m tkpbench.train --config ...)")
+        how = ("python -m tkpbench.segment train --run " + str(run.root.parent)) if run.root.name == "seg" \
+            else "python -m tkpbench.train --config ..."
+        raise CheckpointError(f"{run.final} does not exist; train it first ({how})")
     return load_checkpoint(run.final)
 
 
