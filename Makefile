@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 # The default test run: lint, then everything, the slow end-to-end tests included (fits CI's budget).
 test: install
 	$(BIN)/ruff check tkpbench tests
+	$(BIN)/ruff format --check tkpbench tests
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: install

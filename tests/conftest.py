@@ -23,8 +23,10 @@ def _caches_in_a_temporary_folder(tmp_path_factory):
 
 def _snapshot(root: Path) -> dict[str, str]:
     """Every file and folder under ``root`` with a digest of its bytes (folders: their names)."""
-    return {str(p.relative_to(root)): (hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else "dir")
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+        for p in sorted(root.rglob("*"))
+    }
 
 
 @pytest.fixture(scope="session", autouse=True)

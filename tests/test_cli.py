@@ -38,8 +38,7 @@ def test_the_installed_script_runs():
     exe = str(script) if script.is_file() else shutil.which("tkpbench")
     if exe is None:
         pytest.skip("the tkpbench script is not installed (pip install -e . installs it)")
-    r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert r.returncode == 0 and "reproduce" in r.stdout and "report" in r.stdout
 
 

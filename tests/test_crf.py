@@ -51,12 +51,15 @@ def test_the_crf_helps_on_real_voc_samples(shared_data):
     assert after.miou() > before.miou()
 
 
-@pytest.mark.parametrize("probs, msg", [
-    (np.full((2, 4, 4), 0.3, np.float32), "sum to 1"),
-    (np.full((2, 4, 4), np.nan, np.float32), "NaN"),
-    (np.full((2, 5, 4), 0.5, np.float32), "H, W"),
-    (np.ones((1, 4, 4), np.float32), "at least 2 labels"),
-])
+@pytest.mark.parametrize(
+    "probs, msg",
+    [
+        (np.full((2, 4, 4), 0.3, np.float32), "sum to 1"),
+        (np.full((2, 4, 4), np.nan, np.float32), "NaN"),
+        (np.full((2, 5, 4), 0.5, np.float32), "H, W"),
+        (np.ones((1, 4, 4), np.float32), "at least 2 labels"),
+    ],
+)
 def test_bad_inputs_are_clear_errors(probs, msg):
     with pytest.raises(ValueError, match=msg):
         dense_crf(np.zeros((4, 4, 3), np.uint8), probs)

@@ -50,8 +50,7 @@ def test_real_coco_masks_agree_with_pycocotools_annToMask(shared_data, tmp_path)
                 # every pixel of an instance not covered by a smaller one carries its class
                 assert np.all(m[inst] == ds.cat_to_class[a["category_id"]])
                 painted |= inst
-        assert np.array_equal(np.flatnonzero(ds.tags(i)[1:]) + 1,
-                              sorted({ds.cat_to_class[a["category_id"]] for a in anns}))
+        assert np.array_equal(np.flatnonzero(ds.tags(i)[1:]) + 1, sorted({ds.cat_to_class[a["category_id"]] for a in anns}))
         assert (tmp_path / "m" / f"{ds.ids[i]}.png").is_file()
         assert np.array_equal(ds.mask(i), m)  # second read comes from the cached PNG
     assert ds.cat_to_class[1] == 1 and ds.cat_to_class[90] == 80
@@ -102,8 +101,10 @@ def test_sbd_conversion_builds_train_aug_resumably(tmp_path, synth_root):
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(voc / "JPEGImages" / f"{extra}.jpg")
     seg = np.zeros((20, 30), np.uint8)
     seg[5:10, 5:20] = 7
-    savemat(sbd / "cls" / f"{extra}.mat",
-            {"GTcls": {"Segmentation": seg, "Boundaries": np.zeros(1), "CategoriesPresent": np.array([7])}})
+    savemat(
+        sbd / "cls" / f"{extra}.mat",
+        {"GTcls": {"Segmentation": seg, "Boundaries": np.zeros(1), "CategoriesPresent": np.array([7])}},
+    )
     (sbd / "train.txt").write_text(extra + "\n")
     val_ids = (voc / "ImageSets/Segmentation/val.txt").read_text().split()
     (sbd / "val.txt").write_text(val_ids[0] + "\n")  # a VOC val id in SBD must not enter train_aug

@@ -53,5 +53,3 @@ def test_bad_inputs():
         cm.update(np.zeros((2, 2)), np.zeros((2, 3)))
     with pytest.raises(ValueError, match="outside"):
         cm.update(np.array([3]), np.array([0]))
-
-

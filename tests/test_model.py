@@ -88,8 +88,9 @@ def test_classifier_softmax_and_pooling_run_in_fp32_under_bf16_autocast():
     from tkpbench.model import TKPPCL
 
     torch.manual_seed(0)
-    m = TKPPCL(ModelConfig(encoder="vit_tiny_patch16_224", encoder_kwargs={"depth": 1}, weights="", img_size=32,
-                           hidden=8, k=2)).eval()
+    m = TKPPCL(
+        ModelConfig(encoder="vit_tiny_patch16_224", encoder_kwargs={"depth": 1}, weights="", img_size=32, hidden=8, k=2)
+    ).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(torch.randn(2, 3, 32, 32))
     expected = torch.softmax(out.features.float() @ m.classifier.weight.float().T, dim=-1)

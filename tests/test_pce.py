@@ -59,8 +59,9 @@ def test_pce_is_invariant_to_positive_scaling_of_features(seed, scale):
 def test_pce_is_invariant_to_permuting_patches(seed):
     f, z = make(seed)
     perm = torch.randperm(f.shape[1], generator=torch.Generator().manual_seed(seed))
-    torch.testing.assert_close(patch_contrastive_error(f[:, perm], z[:, perm]), patch_contrastive_error(f, z),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        patch_contrastive_error(f[:, perm], z[:, perm]), patch_contrastive_error(f, z), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_pce_is_zero_when_no_score_exceeds_eps():

@@ -15,8 +15,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_missing_data_stops_before_any_training(tmp_path, capsys):
-    rc = main(["voc", "--set", f"data.root={tmp_path / 'nothing'}", "--runs", str(tmp_path / "runs"),
-               "--results", str(tmp_path / "results")])
+    rc = main(
+        [
+            "voc",
+            "--set",
+            f"data.root={tmp_path / 'nothing'}",
+            "--runs",
+            str(tmp_path / "runs"),
+            "--results",
+            str(tmp_path / "results"),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "nothing was started" in err and "python -m tkpbench.data download voc" in err
@@ -96,8 +105,15 @@ def test_whole_chain_runs_then_a_rerun_skips_every_stage(synth_root, tmp_path, m
 def test_coco_layout_chain_on_the_generated_twin(synth_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONPATH", str(REPO))
-    cfg = tiny_config(synth_root / "coco", "tiny_coco", data__dataset="coco", data__train_split="train2014",
-                      data__val_split="val2014", data__mask_split="train2014", data__seg_train_split="train2014")
+    cfg = tiny_config(
+        synth_root / "coco",
+        "tiny_coco",
+        data__dataset="coco",
+        data__train_split="train2014",
+        data__val_split="val2014",
+        data__mask_split="train2014",
+        data__seg_train_split="train2014",
+    )
     save_config(cfg, tmp_path / "coco.toml")
     run_chain(tmp_path / "coco.toml", [], tmp_path / "runs", tmp_path / "results", 1, log=lambda *_: None)
     stages = load_summary(tmp_path / "results" / "tiny_coco" / "summary.json")["stages"]
@@ -127,9 +143,15 @@ def test_the_demo_really_learns_on_every_seed(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     make_synthetic(tmp_path / "demo", n=200, seed=0)
     for seed in DEFAULT_SEEDS["demo"]:
-        run_chain(REPO / "configs" / "demo.toml", [f"data.root={tmp_path / 'demo' / 'VOC2012'}", f"train.seed={seed}",
-                                                   f"name=demo-s{seed}"],
-                  tmp_path / "runs", tmp_path / "results", 1, seg=False, log=lambda *_: None)
+        run_chain(
+            REPO / "configs" / "demo.toml",
+            [f"data.root={tmp_path / 'demo' / 'VOC2012'}", f"train.seed={seed}", f"name=demo-s{seed}"],
+            tmp_path / "runs",
+            tmp_path / "results",
+            1,
+            seg=False,
+            log=lambda *_: None,
+        )
         rec = load_summary(tmp_path / "results" / f"demo-s{seed}" / "summary.json")["stages"]["mask"]
         assert rec["miou_all_background"] < 10
         assert rec["miou_crf"] > rec["miou_all_background"] + 25, (seed, rec["miou_crf"])

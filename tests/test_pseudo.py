@@ -104,9 +104,13 @@ def test_torch_crf_backend_on_a_folder_matches_pydensecrf(trained_run, tmp_path)
         cfg.crf.backend = "pydensecrf"
     ds = VOCSegmentation(cfg.data.root, "train")
     assert counts["done"] == len(ds)
-    agree = [(np.array(Image.open(run / "pseudo" / "crf" / f"{i}.png"))
-              == np.array(Image.open(other / "pseudo" / "crf" / f"{i}.png"))).mean()
-             for i in ds.ids]
+    agree = [
+        (
+            np.array(Image.open(run / "pseudo" / "crf" / f"{i}.png"))
+            == np.array(Image.open(other / "pseudo" / "crf" / f"{i}.png"))
+        ).mean()
+        for i in ds.ids
+    ]
     assert np.mean(agree) > 0.995
 
 

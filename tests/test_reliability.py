@@ -65,11 +65,12 @@ def test_a_crafted_pickle_payload_is_never_executed(synth_root, tmp_path):
         fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "other", D.DistInfo(), resume=str(run / "final.pt"), progress=False)
     image = next((synth_root / "VOC2012" / "JPEGImages").glob("*.jpg"))
     demo = ["--config", str(REPO / "configs" / "demo.toml")]
-    for cmd in (["tkpbench.pseudo", "--run", str(run), *demo],  # the commands that read a run someone sent
-                ["tkpbench.segment", "eval", "--run", str(run), *demo],
-                ["tkpbench.predict", "--run", str(run), str(image), "--out", str(tmp_path / "out")]):
-        r = subprocess.run([sys.executable, "-m", *cmd], env=_env(), cwd=tmp_path, capture_output=True, text=True,
-                           timeout=300)
+    for cmd in (
+        ["tkpbench.pseudo", "--run", str(run), *demo],  # the commands that read a run someone sent
+        ["tkpbench.segment", "eval", "--run", str(run), *demo],
+        ["tkpbench.predict", "--run", str(run), str(image), "--out", str(tmp_path / "out")],
+    ):
+        r = subprocess.run([sys.executable, "-m", *cmd], env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and "would have to run code" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not marker.exists()
     # a file that is not a tkpbench checkpoint at all is refused by name
@@ -92,6 +93,7 @@ def test_killed_right_after_an_evaluation_then_resumed_equals_an_uninterrupted_r
         recs = [json.loads(x) for x in (tmp_path / run / "log.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in recs if "val_miou" in r] == [1, 2, 3]
         assert len({json.dumps(r, sort_keys=True) for r in recs if "val_miou" not in r}) == sum("val_miou" not in r for r in recs)
+
     def strip(p):
         return [{k: v for k, v in json.loads(x).items() if k != "images_per_s"} for x in p.read_text().splitlines()]
 
@@ -126,13 +128,22 @@ def test_temporary_checkpoint_files_of_a_crash_are_removed_on_restart(synth_root
 
 
 def test_a_second_training_on_a_locked_run_folder_refuses_naming_the_first(synth_root, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time
         from tkpbench.runs import RunLock
-        with RunLock({str(tmp_path / 'r')!r}):
+        with RunLock({str(tmp_path / "r")!r}):
             print('locked', flush=True)
             time.sleep(60)
-        """)], env=_env(), stdout=subprocess.PIPE, text=True)
+        """),
+        ],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         cfg = tiny_config(synth_root / "VOC2012")
@@ -162,9 +173,21 @@ def test_a_full_disk_names_the_folder_and_leaves_no_temporary_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-BAD_VALUES = ["train.epochs=-1", "model.eps=1.5", "model.alpha=-1", "train.lr=-0.1", "seg.iters=-5", "crf.backend=gpu",
-              "train.batch_size=0", "model.pooling=median", "data.rrc_p=2", "model.k=0", "crf.iters=0",
-              "seg.scale_range=[1.5, 0.5]", "data.color_jitter=[0.3]"]
+BAD_VALUES = [
+    "train.epochs=-1",
+    "model.eps=1.5",
+    "model.alpha=-1",
+    "train.lr=-0.1",
+    "seg.iters=-5",
+    "crf.backend=gpu",
+    "train.batch_size=0",
+    "model.pooling=median",
+    "data.rrc_p=2",
+    "model.k=0",
+    "crf.iters=0",
+    "seg.scale_range=[1.5, 0.5]",
+    "data.color_jitter=[0.3]",
+]
 
 
 @pytest.mark.parametrize("override", BAD_VALUES)
@@ -180,15 +203,21 @@ def test_a_bad_value_in_a_file_names_the_file(tmp_path):
         load_config(tmp_path / "c.toml")
 
 
-@pytest.mark.parametrize("cmd", [["tkpbench.train", "--config", "baselines/topk_pce.toml", "--set", "train.epochs=-1"],
-                                 ["tkpbench.pipeline", "demo", "--set", "seed=0"],
-                                 ["tkpbench.pseudo", "--run", "/nonexistent/run"]])
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        ["tkpbench.train", "--config", "baselines/topk_pce.toml", "--set", "train.epochs=-1"],
+        ["tkpbench.pipeline", "demo", "--set", "seed=0"],
+        ["tkpbench.pseudo", "--run", "/nonexistent/run"],
+    ],
+)
 def test_commands_end_with_one_message_not_a_traceback(cmd, tmp_path):
     r = subprocess.run([sys.executable, "-m", *cmd], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.strip().startswith("error:"), r.stderr
-    debug = subprocess.run([sys.executable, "-m", *cmd, "--debug"], env=_env(), cwd=REPO, capture_output=True,
-                           text=True, timeout=300)
+    debug = subprocess.run(
+        [sys.executable, "-m", *cmd, "--debug"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert debug.returncode == 2 and "Traceback" in debug.stderr
 
 
@@ -214,8 +243,14 @@ def test_data_check_decodes_and_names_each_damaged_file(synth_root, tmp_path):
     for i in range(4):
         assert (ds.image_path(i) if i == 0 else ds.mask_path(i)).name in text
     assert "[37]" in text and "mode RGB" in text and "12x10" in text
-    r = subprocess.run([sys.executable, "-m", "tkpbench.data", "check", "voc", "--root", str(root), "--splits", "val"],
-                       env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "tkpbench.data", "check", "voc", "--root", str(root), "--splits", "val"],
+        env=_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1 and jpg.name in r.stdout
 
 
@@ -264,12 +299,30 @@ def test_stage_outputs_of_another_model_are_removed_before_a_stage_resumes(tmp_p
 
 @pytest.mark.slow
 def test_sigint_to_reproduce_sh_leaves_a_resumable_run_and_a_non_zero_exit(synth_root, tmp_path):
-    tiny = ["model.encoder=vit_tiny_patch16_224", "model.encoder_kwargs={depth = 2}", "model.img_size=32",
-            "model.hidden=8", "data.workers=0", "train.epochs=300", "train.batch_size=4", "train.log_every=1",
-            "train.eval_every=0"]
-    cmd = [str(REPO / "reproduce.sh"), "demo", "--seeds", "0", "--demo-data", str(synth_root),
-           "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
-           *[x for t in tiny for x in ("--set", t)]]
+    tiny = [
+        "model.encoder=vit_tiny_patch16_224",
+        "model.encoder_kwargs={depth = 2}",
+        "model.img_size=32",
+        "model.hidden=8",
+        "data.workers=0",
+        "train.epochs=300",
+        "train.batch_size=4",
+        "train.log_every=1",
+        "train.eval_every=0",
+    ]
+    cmd = [
+        str(REPO / "reproduce.sh"),
+        "demo",
+        "--seeds",
+        "0",
+        "--demo-data",
+        str(synth_root),
+        "--runs",
+        str(tmp_path / "runs"),
+        "--results",
+        str(tmp_path / "results"),
+        *[x for t in tiny for x in ("--set", t)],
+    ]
     proc = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "runs" / "demo-s0" / "log.jsonl"
     deadline = time.time() + 180

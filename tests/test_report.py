@@ -1,4 +1,3 @@
-
 import numpy as np
 from PIL import Image
 
@@ -10,15 +9,27 @@ from tkpbench.report import build_tables, fig4_sweep, fig5_grid, load_results, m
 def _cfg(pooling, pce, k=6, eps=0.85, synthetic=False):
     c = Config()
     c.synthetic = synthetic
-    apply_overrides(c, [f"model.pooling={pooling}", f"model.pce={'true' if pce else 'false'}", f"model.k={k}",
-                        f"model.eps={eps}"])
+    apply_overrides(
+        c, [f"model.pooling={pooling}", f"model.pce={'true' if pce else 'false'}", f"model.k={k}", f"model.eps={eps}"]
+    )
     return c.to_dict()
 
 
 def _write(results, run, stage, dataset, split, miou, crf=None, cfg=None, synthetic=False):
-    rec = StageRecord(stage=stage, dataset=dataset, split=split, miou=miou, per_class={}, num_images=10,
-                      miou_crf=crf, synthetic=synthetic, commit="abc123", device="CPU", date="2026-11-24T00:00:00",
-                      miou_all_background=3.5 if synthetic else None)
+    rec = StageRecord(
+        stage=stage,
+        dataset=dataset,
+        split=split,
+        miou=miou,
+        per_class={},
+        num_images=10,
+        miou_crf=crf,
+        synthetic=synthetic,
+        commit="abc123",
+        device="CPU",
+        date="2026-11-24T00:00:00",
+        miou_all_background=3.5 if synthetic else None,
+    )
     write_stage(results, run, rec, cfg)
 
 
@@ -55,7 +66,10 @@ def test_tables_put_published_and_measured_side_by_side(tmp_path):
     # the demo run is never in the paper's tables, only under its own heading
     assert all("demo" not in r[0] for r in t4[2])
     assert "NOT a reproduction" in demo[0] and _row(demo, "demo")[2:5] == [
-        "40.0 (n=1, no interval)", "47.0 (n=1, no interval)", "3.5"]
+        "40.0 (n=1, no interval)",
+        "47.0 (n=1, no interval)",
+        "3.5",
+    ]
     # sweep runs feed Fig. 4 only
     assert all("sweep" not in r[0] for r in t4[2])
 
@@ -74,12 +88,19 @@ def test_report_command_writes_tables_md_and_figures(tmp_path, capsys):
 def test_per_class_tables_put_runs_side_by_side(tmp_path):
     from tkpbench.report import per_class_tables
 
-    rec = StageRecord(stage="mask", dataset="voc", split="train", miou=50.0, per_class={"background": 80.0, "cat": 20.0},
-                      per_class_crf={"background": 90.0, "cat": 30.0}, num_images=3)
+    rec = StageRecord(
+        stage="mask",
+        dataset="voc",
+        split="train",
+        miou=50.0,
+        per_class={"background": 80.0, "cat": 20.0},
+        per_class_crf={"background": 90.0, "cat": 30.0},
+        num_images=3,
+    )
     write_stage(tmp_path, "a", rec, _cfg("topk", True))
     rec.per_class_crf = {"background": 85.0, "cat": None}
     write_stage(tmp_path, "b", rec, _cfg("max", False))
-    (title, header, rows, _), = per_class_tables(load_results(tmp_path))
+    ((title, header, rows, _),) = per_class_tables(load_results(tmp_path))
     assert "after CRF" in title and header == ["class", "a", "b"]
     assert rows == [["background", "90.0", "85.0"], ["cat", "30.0", "-"]]
 
@@ -92,8 +113,9 @@ def test_fig5_grid_has_titles_one_row_per_image_four_columns_and_a_legend(tmp_pa
     img = np.full((80, 120, 3), 100, np.uint8)
     m = np.zeros((80, 120), np.uint8)
     m[20:60, 30:90] = 15
-    out = fig5_grid([img, img], [m, m], [m, m], [m, m], tmp_path / "g.png", ids=["a", "b"],
-                    class_names=[f"c{i}" for i in range(21)])
+    out = fig5_grid(
+        [img, img], [m, m], [m, m], [m, m], tmp_path / "g.png", ids=["a", "b"], class_names=[f"c{i}" for i in range(21)]
+    )
     arr = np.asarray(Image.open(out))
     header, legend = 22, 24  # the column titles, then one legend row for the 2 classes present
     assert arr.shape == (header + 2 * 160 + legend, 4 * 240, 3)
@@ -115,8 +137,15 @@ def test_training_curves_and_per_class_bars_are_drawn_from_what_runs_write(tmp_p
     (run / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     curves = np.asarray(Image.open(fig_curves(run, tmp_path / "curves.png")).convert("L"))
     assert curves.std() > 10
-    rec = StageRecord(stage="mask", dataset="voc", split="train", miou=50.0, per_class={}, num_images=3,
-                      per_class_crf={"background": 90.0, "cat": 30.0})
+    rec = StageRecord(
+        stage="mask",
+        dataset="voc",
+        split="train",
+        miou=50.0,
+        per_class={},
+        num_images=3,
+        per_class_crf={"background": 90.0, "cat": 30.0},
+    )
     write_stage(tmp_path / "results", "r", rec, _cfg("topk", True))
     bars = np.asarray(Image.open(fig_per_class(load_results(tmp_path / "results"), tmp_path / "bars.png")).convert("L"))
     assert bars.std() > 10

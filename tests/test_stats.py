@@ -65,9 +65,11 @@ def test_the_seed_and_image_interval_covers_the_true_mean_of_noisy_seeds():
     assert hits / trials >= 0.88, hits / trials
 
 
-counts = stx.integers(5, 30).flatmap(lambda n: stx.tuples(
-    hnp.arrays(np.int64, (n, 3), elements=stx.integers(0, 50)),
-    hnp.arrays(np.int64, (n, 3), elements=stx.integers(0, 50))))
+counts = stx.integers(5, 30).flatmap(
+    lambda n: stx.tuples(
+        hnp.arrays(np.int64, (n, 3), elements=stx.integers(0, 50)), hnp.arrays(np.int64, (n, 3), elements=stx.integers(0, 50))
+    )
+)
 
 
 def _pair(raw):
@@ -125,8 +127,14 @@ def test_two_exchangeable_variants_mostly_give_an_interval_that_contains_zero():
     for t in range(60):
         a = [_draw(rng, 80) for _ in range(3)]
         b = [_draw(rng, 80) for _ in range(3)]
-        d = S.paired_difference(np.stack([x[0] for x in a]), np.stack([x[1] for x in a]),
-                                np.stack([x[0] for x in b]), np.stack([x[1] for x in b]), n_resamples=200, seed=t)
+        d = S.paired_difference(
+            np.stack([x[0] for x in a]),
+            np.stack([x[1] for x in a]),
+            np.stack([x[0] for x in b]),
+            np.stack([x[1] for x in b]),
+            n_resamples=200,
+            seed=t,
+        )
         contains += d.contains(0.0)
     assert contains / 60 >= 0.85
 

@@ -98,9 +98,25 @@ def _env():
 def test_sigterm_saves_a_loadable_checkpoint_and_exits_non_zero_with_how_to_resume(synth_root, tmp_path):
     cfg = tiny_config(synth_root / "VOC2012", train__epochs="200")
     save_config(cfg, tmp_path / "cfg.toml")
-    proc = subprocess.Popen([sys.executable, "-m", "tkpbench.train", "--config", str(tmp_path / "cfg.toml"),
-                             "--runs", str(tmp_path / "runs"), "--no-progress", "--device", "cpu"],
-                            env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tkpbench.train",
+            "--config",
+            str(tmp_path / "cfg.toml"),
+            "--runs",
+            str(tmp_path / "runs"),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+        env=_env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     log = tmp_path / "runs" / "tiny" / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 3):
@@ -119,8 +135,17 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_non_zero_with_how_to_resu
 def test_two_process_torchrun_run_keeps_ranks_identical(synth_root, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "ddp_worker.py"), str(synth_root / "VOC2012"), str(tmp_path / "run"), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "tests" / "ddp_worker.py"),
+        str(synth_root / "VOC2012"),
+        str(tmp_path / "run"),
+        str(out),
+    ]
     r = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     a, b = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
@@ -135,8 +160,18 @@ def test_two_process_torchrun_run_keeps_ranks_identical(synth_root, tmp_path):
 def test_a_nan_on_one_rank_stops_every_rank_at_that_step(synth_root, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "ddp_worker.py"), str(synth_root / "VOC2012"), str(tmp_path / "run"), str(out), "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "tests" / "ddp_worker.py"),
+        str(synth_root / "VOC2012"),
+        str(tmp_path / "run"),
+        str(out),
+        "2",
+    ]
     r = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0
     for rank in (0, 1):  # both ranks stop at the same step, none hangs waiting for the other

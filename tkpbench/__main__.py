@@ -32,8 +32,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
-    return "usage: tkpbench <command> [options]   (tkpbench <command> --help for its options)\n\ncommands:\n" + \
-        "\n".join(lines) + "\n"
+    return (
+        "usage: tkpbench <command> [options]   (tkpbench <command> --help for its options)\n\ncommands:\n"
+        + "\n".join(lines)
+        + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

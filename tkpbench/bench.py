@@ -77,8 +77,16 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192) -> float:
     return 2 * n**3 / dt / 1e12
 
 
-def train_flops(batch: int, tokens: int = 577, dim: int = 768, depth: int = 12, trainable: int = 5,
-                mlp: int = 3072, hidden: int = 192, classes: int = 21) -> float:
+def train_flops(
+    batch: int,
+    tokens: int = 577,
+    dim: int = 768,
+    depth: int = 12,
+    trainable: int = 5,
+    mlp: int = 3072,
+    hidden: int = 192,
+    classes: int = 21,
+) -> float:
     """Matmul FLOPs of one training step: ViT forward over all blocks, backward (2x forward)
     through the trainable blocks; HV-BiLSTM and classifier forward + backward."""
     per_block = 2 * tokens * (4 * dim * dim + 2 * dim * mlp) + 2 * 2 * tokens * tokens * dim
@@ -112,9 +120,12 @@ def bench_model(device: torch.device, batch: int, out: dict) -> None:
     if device.type == "cuda":
         peak = matmul_peak_tflops(device)
         achieved = train_flops(batch) / dt / 1e12
-        r.update(bf16_matmul_peak_tflops=round(peak, 1), model_tflops=round(achieved, 1),
-                 fraction_of_peak=round(achieved / peak, 3),
-                 peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+        r.update(
+            bf16_matmul_peak_tflops=round(peak, 1),
+            model_tflops=round(achieved, 1),
+            fraction_of_peak=round(achieved / peak, 3),
+            peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        )
     out["model"] = r
 
 
@@ -159,18 +170,28 @@ def bench_pce_pooling(device: torch.device, out: dict) -> None:
         return total / b
 
     slow = _timeit(naive, warmup=0, reps=1)
-    out["pce"] = {"shape": [b, s, c, e], "vectorised_ms": round(fast * 1e3, 2), "per_image_class_loop_ms": round(slow * 1e3, 2),
-                  "speedup": round(slow / fast, 1)}
+    out["pce"] = {
+        "shape": [b, s, c, e],
+        "vectorised_ms": round(fast * 1e3, 2),
+        "per_image_class_loop_ms": round(slow * 1e3, 2),
+        "speedup": round(slow / fast, 1),
+    }
     fast = _timeit(lambda: topk_pool(z, 6), sync=_sync(device))
-    slow = _timeit(lambda: torch.stack([torch.stack([z[n, :, k].sort(descending=True).values[:6].mean() for k in range(c)])
-                                        for n in range(b)]), warmup=0, reps=1)
+    slow = _timeit(
+        lambda: torch.stack(
+            [torch.stack([z[n, :, k].sort(descending=True).values[:6].mean() for k in range(c)]) for n in range(b)]
+        ),
+        warmup=0,
+        reps=1,
+    )
     out["pooling"] = {"vectorised_ms": round(fast * 1e3, 3), "loop_ms": round(slow * 1e3, 2), "speedup": round(slow / fast, 1)}
 
 
 def bench_data(out: dict, tmp: Path) -> None:
     make_synthetic(tmp, n=64, seed=0, size=(375, 500))
-    ds = TKPTrainSet(VOCSegmentation(tmp / "VOC2012", "train_aug"),
-                     tkp_train_transform(DataConfig(), 384, (0.5,) * 3, (0.5,) * 3))
+    ds = TKPTrainSet(
+        VOCSegmentation(tmp / "VOC2012", "train_aug"), tkp_train_transform(DataConfig(), 384, (0.5,) * 3, (0.5,) * 3)
+    )
     res = {}
     for w in (0, 1, 2):
         loader = DataLoader(ds, batch_size=8, num_workers=w)
@@ -185,23 +206,30 @@ def bench_crf(device: torch.device, out: dict, photo: Path | None) -> None:
     bilateral lattice, about d + 1 = 6 vertices per pixel) and a photograph (``photo``, a real VOC
     image; a generated demo image where none is given), whose lattice is 3-6x smaller."""
 
-
     cores = os.cpu_count() or 1
     sync = _sync(device)
     res: dict = {"cores": cores, "torch_device": device.type}
     for kind in ("noise", "photo"):
         img, probs, source = _crf_inputs(kind, photo)
         one = _timeit(lambda: dense_crf(img, probs), warmup=0, reps=2)
-        ours = _timeit(lambda: dense_crf(img, probs, backend="torch", device=str(device)), warmup=1,
-                       reps=5 if device.type == "cuda" else 2, sync=sync)
+        ours = _timeit(
+            lambda: dense_crf(img, probs, backend="torch", device=str(device)),
+            warmup=1,
+            reps=5 if device.type == "cuda" else 2,
+            sync=sync,
+        )
         n = 2 * cores
         t = time.perf_counter()
         with ProcessPoolExecutor(cores) as pool:
             list(pool.map(_crf_job, [(kind, photo)] * n))
-        res[kind] = {"image": _portable(source), "pydensecrf_s_per_image_one_core": round(one, 3),
-                     "pydensecrf_images_per_s_all_cores": round(n / (time.perf_counter() - t), 2),
-                     "torch_s_per_image": round(ours, 3), "torch_images_per_s": round(1 / ours, 2),
-                     "torch_speedup_vs_pydensecrf_one_core": round(one / ours, 2)}
+        res[kind] = {
+            "image": _portable(source),
+            "pydensecrf_s_per_image_one_core": round(one, 3),
+            "pydensecrf_images_per_s_all_cores": round(n / (time.perf_counter() - t), 2),
+            "torch_s_per_image": round(ours, 3),
+            "torch_images_per_s": round(1 / ours, 2),
+            "torch_speedup_vs_pydensecrf_one_core": round(one / ours, 2),
+        }
     out["crf_500x375x21"] = res
 
 
@@ -211,11 +239,9 @@ def _crf_inputs(kind: str, photo: Path | None):
     if kind == "noise":
         img, source = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8), "uniform noise"
     elif photo is not None:
-
         img = np.array(Image.open(photo).convert("RGB").resize((500, 375), Image.BILINEAR))
         source = str(photo)
     else:
-
         img, source = render(rng, 375, 500, 20)[0], "generated demo image (tkpbench.data.synth.render, seed 0)"
     p = rng.random((21, 375, 500)).astype(np.float32) ** 4
     return img, p / p.sum(0, keepdims=True), source
@@ -252,11 +278,17 @@ def bench_crf_agreement(device: torch.device, out: dict, voc_root: Path | None) 
         cms["pydensecrf"].update(keep[ref.argmax(0)], mask)
         cms["torch"].update(keep[ours.argmax(0)], mask)
     out["crf_agreement"] = {
-        "images": len(ds), "root": _portable(voc_root), "torch_device": device.type,
-        "argmax_agreement_min": round(min(agree), 6), "argmax_agreement_mean": round(float(np.mean(agree)), 6),
-        "max_abs_prob_diff": max_abs, "mean_abs_prob_diff": float(np.mean(mean_abs)),
-        "pixels_over_1e-3_worst_image": max(over), "pixels_over_1e-3_total": sum(over),
-        "miou_pydensecrf": round(100 * cms["pydensecrf"].miou(), 4), "miou_torch": round(100 * cms["torch"].miou(), 4),
+        "images": len(ds),
+        "root": _portable(voc_root),
+        "torch_device": device.type,
+        "argmax_agreement_min": round(min(agree), 6),
+        "argmax_agreement_mean": round(float(np.mean(agree)), 6),
+        "max_abs_prob_diff": max_abs,
+        "mean_abs_prob_diff": float(np.mean(mean_abs)),
+        "pixels_over_1e-3_worst_image": max(over),
+        "pixels_over_1e-3_total": sum(over),
+        "miou_pydensecrf": round(100 * cms["pydensecrf"].miou(), 4),
+        "miou_torch": round(100 * cms["torch"].miou(), 4),
     }
 
 
@@ -311,10 +343,26 @@ _SAMPLE_PHOTO = _SAMPLE_VOC / "JPEGImages/2007_000063.jpg"
 # sizes of the full targets (SPEC Sec. 2-3): images per split, tagged classes per image (incl. background,
 # from VOC's cls_labels and COCO's instances files), DeepLab iterations and batch
 TARGETS = {
-    "voc": {"train": 10582, "mask": 1464, "val": 1449, "classes_per_image": 2.5, "epochs": 50, "seg_iters": 20000,
-            "seg_batch": 10, "size": (375, 500)},
-    "coco": {"train": 82081, "mask": 82081, "val": 40504, "classes_per_image": 3.9, "epochs": 50, "seg_iters": 20000,
-             "seg_batch": 10, "size": (480, 640)},
+    "voc": {
+        "train": 10582,
+        "mask": 1464,
+        "val": 1449,
+        "classes_per_image": 2.5,
+        "epochs": 50,
+        "seg_iters": 20000,
+        "seg_batch": 10,
+        "size": (375, 500),
+    },
+    "coco": {
+        "train": 82081,
+        "mask": 82081,
+        "val": 40504,
+        "classes_per_image": 3.9,
+        "epochs": 50,
+        "seg_iters": 20000,
+        "seg_batch": 10,
+        "size": (480, 640),
+    },
 }
 
 
@@ -330,14 +378,20 @@ def bench_storage(out: dict) -> None:
         grid = grid / grid.sum(1, keepdim=True)
         full = upsample_probs(grid, t["size"])[0].numpy()
         sizes = {}
-        for name, arrays in (("grid_float32", {"grid": grid[0].numpy(), "size": np.array(t["size"])}),
-                             ("full_float16", {"probs": full.astype(np.float16)})):
+        for name, arrays in (
+            ("grid_float32", {"grid": grid[0].numpy(), "size": np.array(t["size"])}),
+            ("full_float16", {"probs": full.astype(np.float16)}),
+        ):
             buf = io.BytesIO()
             np.savez_compressed(buf, classes=np.arange(k, dtype=np.int16), **arrays)
             sizes[name] = len(buf.getvalue())
-        res[target] = {"classes_per_image": k, "image_size": list(t["size"]), "bytes_per_image": sizes,
-                       "projected_gb_train_split": {n: round(b * t["train"] / 1e9, 2) for n, b in sizes.items()},
-                       "ratio": round(sizes["full_float16"] / sizes["grid_float32"], 1)}
+        res[target] = {
+            "classes_per_image": k,
+            "image_size": list(t["size"]),
+            "bytes_per_image": sizes,
+            "projected_gb_train_split": {n: round(b * t["train"] / 1e9, 2) for n, b in sizes.items()},
+            "ratio": round(sizes["full_float16"] / sizes["grid_float32"], 1),
+        }
     out["pseudo_storage"] = res
 
 
@@ -368,8 +422,7 @@ def projection(out: dict) -> dict:
 def print_summary(out: dict) -> None:
     """The table ``make bench`` ends with: throughput per stage, storage, projected time per target."""
     con = Console()
-    t = Table(title=f"tkpbench bench on {out['device']} ({out['cpu_count']} cores), commit {out['commit']}",
-              title_justify="left")
+    t = Table(title=f"tkpbench bench on {out['device']} ({out['cpu_count']} cores), commit {out['commit']}", title_justify="left")
     t.add_column("what", overflow="fold")
     t.add_column("measured", justify="right", overflow="fold")
     rows = []
@@ -384,8 +437,12 @@ def print_summary(out: dict) -> None:
         rows.append((f"DeepLab-v2 ResNet-101 training ({name})", f"{r['images_per_s']} images/s"))
     for target, r in out.get("pseudo_storage", {}).items():
         b = r["bytes_per_image"]
-        rows.append((f"stored probabilities per image, {target} (grid / earlier full size)",
-                     f"{b['grid_float32'] / 1e3:.1f} KB / {b['full_float16'] / 1e3:.1f} KB"))
+        rows.append(
+            (
+                f"stored probabilities per image, {target} (grid / earlier full size)",
+                f"{b['grid_float32'] / 1e3:.1f} KB / {b['full_float16'] / 1e3:.1f} KB",
+            )
+        )
         g = r["projected_gb_train_split"]
         rows.append((f"  projected disk, {target} training split", f"{g['grid_float32']} GB / {g['full_float16']} GB"))
     for target, r in out.get("projection_hours", {}).items():
@@ -399,31 +456,48 @@ def print_summary(out: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tkpbench.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m tkpbench.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--only", default="metrics,pce,pooling,crf,data,model,pseudo,deeplab,storage")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=16, help="TKP-PCL training batch (the paper's 16)")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--crf-image", type=Path, default=_SAMPLE_PHOTO if _SAMPLE_PHOTO.is_file() else None,
-                   help="a photograph for the CRF benchmark (default: a VOC sample image when present)")
-    p.add_argument("--voc-root", type=Path, default=_SAMPLE_VOC if _SAMPLE_VOC.is_dir() else None,
-                   help="crf_agreement: a VOC2012 folder whose val images to use (default: the 50-image VOC val sample)")
+    p.add_argument(
+        "--crf-image",
+        type=Path,
+        default=_SAMPLE_PHOTO if _SAMPLE_PHOTO.is_file() else None,
+        help="a photograph for the CRF benchmark (default: a VOC sample image when present)",
+    )
+    p.add_argument(
+        "--voc-root",
+        type=Path,
+        default=_SAMPLE_VOC if _SAMPLE_VOC.is_dir() else None,
+        help="crf_agreement: a VOC2012 folder whose val images to use (default: the 50-image VOC val sample)",
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device)
 
-    out: dict = {"device": device_name() if device.type == "cuda" else "CPU", "cpu_count": os.cpu_count(),
-                 "torch": torch.__version__, "commit": git_commit(),
-                 "command": " ".join(["python -m tkpbench.bench", *(argv or sys.argv[1:])])}
+    out: dict = {
+        "device": device_name() if device.type == "cuda" else "CPU",
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "command": " ".join(["python -m tkpbench.bench", *(argv or sys.argv[1:])]),
+    }
     only = set(args.only.split(","))
 
-    steps = [("metrics", lambda: bench_metrics(out)), ("pce", lambda: bench_pce_pooling(device, out)),
-             ("crf", lambda: bench_crf(device, out, args.crf_image)), ("data", lambda: bench_data(out, Path(tempfile.mkdtemp()))),
-             ("model", lambda: bench_model(device, args.batch, out)),
-             ("pseudo", lambda: bench_pseudo(device, out)),
-             ("deeplab", lambda: bench_deeplab(device, out)),
-             ("storage", lambda: bench_storage(out)),
-             ("crf_agreement", lambda: bench_crf_agreement(device, out, args.voc_root))]
+    steps = [
+        ("metrics", lambda: bench_metrics(out)),
+        ("pce", lambda: bench_pce_pooling(device, out)),
+        ("crf", lambda: bench_crf(device, out, args.crf_image)),
+        ("data", lambda: bench_data(out, Path(tempfile.mkdtemp()))),
+        ("model", lambda: bench_model(device, args.batch, out)),
+        ("pseudo", lambda: bench_pseudo(device, out)),
+        ("deeplab", lambda: bench_deeplab(device, out)),
+        ("storage", lambda: bench_storage(out)),
+        ("crf_agreement", lambda: bench_crf_agreement(device, out, args.voc_root)),
+    ]
     for name, fn in steps:
         if name in only or (name == "pce" and "pooling" in only):
             t = time.perf_counter()
@@ -433,7 +507,6 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(out, indent=2))
     print_summary(out)
     if args.json:
-
         atomic_write_json(args.json, out)
     return 0
 

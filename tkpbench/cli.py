@@ -26,8 +26,14 @@ def config_options(required: bool = False) -> argparse.ArgumentParser:
     """``--config`` and the repeatable ``--set KEY=VALUE``."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--config", type=Path, required=required, default=None, help="a TOML config (e.g. baselines/topk_pce.toml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set data.root=/data/VOC2012 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set data.root=/data/VOC2012 (repeatable)",
+    )
     return p
 
 
@@ -45,14 +51,18 @@ def fit_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--resume", default="auto", help="'auto' (newest valid checkpoint), a checkpoint path, or 'no'")
     p.add_argument("--force", action="store_true", help="resume even if the config differs")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="also log to <run>/tensorboard for TensorBoard (needs the extra: pip install 'tkpbench[tb]')")
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log to <run>/tensorboard for TensorBoard (needs the extra: pip install 'tkpbench[tb]')",
+    )
     return p
 
 
 def parser(prog: str, doc: str | None, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=doc, parents=[common_options(), *parents],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return argparse.ArgumentParser(
+        prog=prog, description=doc, parents=[common_options(), *parents], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def _debug(argv: Sequence[str] | None) -> bool:
@@ -78,6 +88,7 @@ def guard(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | Non
 def entry(run: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
     """A command's ``main(argv=None)``: ``run`` through ``guard``. Each stage module ends with
     ``main = cli.entry(_main)``."""
+
     def main(argv: Sequence[str] | None = None) -> int:
         return guard(run, argv)
 

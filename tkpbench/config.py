@@ -24,8 +24,6 @@ from tkpbench.io import atomic_write_text
 __all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "config_from_dict", "validate", "dumps"]
 
 
-
-
 @dataclass
 class ModelConfig:
     # timm name; ".orig_in21k_ft_in1k" is the original Google in21k->in1k ViT-B/16 384 that
@@ -152,8 +150,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-
-
 def _section_types() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
     return {k: v for k, v in hints.items() if dataclasses.is_dataclass(v)}
@@ -215,6 +211,7 @@ def _num(lo: float | None = None, hi: float | None = None, lo_open: bool = False
             right = ")" if hi_open else "]"
             return f"a number in {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
         return None
+
     return check
 
 
@@ -224,17 +221,26 @@ def _choice(*options: str):
 
 def _pair(lo: float, hi: float | None):
     def check(v: Any) -> str | None:
-        ok = (len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-              and lo < v[0] <= v[1] and (hi is None or v[1] <= hi))
+        ok = (
+            len(v) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            and lo < v[0] <= v[1]
+            and (hi is None or v[1] <= hi)
+        )
         return None if ok else f"two numbers [a, b] with {lo} < a <= b" + (f" <= {hi}" if hi is not None else "")
+
     return check
 
 
 def _numbers(n: int | None, lo: float):
     def check(v: Any) -> str | None:
-        ok = (n is None or len(v) == n) and len(v) > 0 and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and x >= lo for x in v)
+        ok = (
+            (n is None or len(v) == n)
+            and len(v) > 0
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= lo for x in v)
+        )
         return None if ok else f"a list of {n or 'one or more'} numbers >= {lo}"
+
     return check
 
 
@@ -242,26 +248,62 @@ POS, NONNEG, PROB = _num(0, lo_open=True), _num(0), _num(0, 1)
 AT_LEAST_1 = _num(1)
 # The allowed values of every key that has limits; checked whenever a config is loaded.
 RULES: dict[str, Any] = {
-    "model.img_size": _num(16), "model.num_classes": _num(2), "model.hidden": AT_LEAST_1,
-    "model.dropout": _num(0, 1, hi_open=True), "model.pooling": _choice("topk", "max", "avg"), "model.k": AT_LEAST_1,
-    "model.eps": _num(0.5, 1, lo_open=True, hi_open=True), "model.alpha": NONNEG,
+    "model.img_size": _num(16),
+    "model.num_classes": _num(2),
+    "model.hidden": AT_LEAST_1,
+    "model.dropout": _num(0, 1, hi_open=True),
+    "model.pooling": _choice("topk", "max", "avg"),
+    "model.k": AT_LEAST_1,
+    "model.eps": _num(0.5, 1, lo_open=True, hi_open=True),
+    "model.alpha": NONNEG,
     "model.clamp": _num(0, 0.5, lo_open=True, hi_open=True),
-    "data.dataset": _choice("voc", "coco"), "data.tags": _choice("mask", "xml"), "data.workers": NONNEG,
-    "data.hflip": PROB, "data.rrc_p": PROB, "data.color_jitter": _numbers(4, 0), "data.rrc_scale": _pair(0, 1),
-    "train.epochs": AT_LEAST_1, "train.batch_size": AT_LEAST_1, "train.micro_batch": NONNEG,
-    "train.warmup_epochs": NONNEG, "train.lr_warmup": POS, "train.lr": POS, "train.unfreeze_blocks": NONNEG,
-    "train.weight_decay": NONNEG, "train.seed": NONNEG, "train.ckpt_every": AT_LEAST_1,
-    "train.keep_checkpoints": AT_LEAST_1, "train.log_every": AT_LEAST_1, "train.eval_every": NONNEG,
-    "train.max_steps": NONNEG, "train.keep": _choice("last", "best"),
-    "pseudo.infer_size": _num(16), "pseudo.batch_size": AT_LEAST_1,
-    "crf.iters": AT_LEAST_1, "crf.gauss_sxy": POS, "crf.gauss_compat": NONNEG, "crf.bi_sxy": POS, "crf.bi_srgb": POS,
-    "crf.bi_compat": NONNEG, "crf.workers": NONNEG, "crf.backend": _choice("pydensecrf", "torch"),
+    "data.dataset": _choice("voc", "coco"),
+    "data.tags": _choice("mask", "xml"),
+    "data.workers": NONNEG,
+    "data.hflip": PROB,
+    "data.rrc_p": PROB,
+    "data.color_jitter": _numbers(4, 0),
+    "data.rrc_scale": _pair(0, 1),
+    "train.epochs": AT_LEAST_1,
+    "train.batch_size": AT_LEAST_1,
+    "train.micro_batch": NONNEG,
+    "train.warmup_epochs": NONNEG,
+    "train.lr_warmup": POS,
+    "train.lr": POS,
+    "train.unfreeze_blocks": NONNEG,
+    "train.weight_decay": NONNEG,
+    "train.seed": NONNEG,
+    "train.ckpt_every": AT_LEAST_1,
+    "train.keep_checkpoints": AT_LEAST_1,
+    "train.log_every": AT_LEAST_1,
+    "train.eval_every": NONNEG,
+    "train.max_steps": NONNEG,
+    "train.keep": _choice("last", "best"),
+    "pseudo.infer_size": _num(16),
+    "pseudo.batch_size": AT_LEAST_1,
+    "crf.iters": AT_LEAST_1,
+    "crf.gauss_sxy": POS,
+    "crf.gauss_compat": NONNEG,
+    "crf.bi_sxy": POS,
+    "crf.bi_srgb": POS,
+    "crf.bi_compat": NONNEG,
+    "crf.workers": NONNEG,
+    "crf.backend": _choice("pydensecrf", "torch"),
     "crf.device": lambda v: None if v in ("", "cpu") or v.startswith("cuda") else "'', 'cpu' or 'cuda[:N]'",
     "seg.backbone": _choice("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
-    "seg.output_stride": lambda v: None if v in (8, 16) else "8 (DeepLab-v2) or 16", "seg.crop": _num(16),
-    "seg.batch_size": AT_LEAST_1, "seg.lr": POS, "seg.head_lr_mult": POS, "seg.momentum": _num(0, 1, hi_open=True),
-    "seg.weight_decay": NONNEG, "seg.poly_power": NONNEG, "seg.iters": AT_LEAST_1, "seg.scale_range": _pair(0, None),
-    "seg.eval_scales": _numbers(None, 0.05), "seg.workers": NONNEG, "seg.ckpt_every": AT_LEAST_1,
+    "seg.output_stride": lambda v: None if v in (8, 16) else "8 (DeepLab-v2) or 16",
+    "seg.crop": _num(16),
+    "seg.batch_size": AT_LEAST_1,
+    "seg.lr": POS,
+    "seg.head_lr_mult": POS,
+    "seg.momentum": _num(0, 1, hi_open=True),
+    "seg.weight_decay": NONNEG,
+    "seg.poly_power": NONNEG,
+    "seg.iters": AT_LEAST_1,
+    "seg.scale_range": _pair(0, None),
+    "seg.eval_scales": _numbers(None, 0.05),
+    "seg.workers": NONNEG,
+    "seg.ckpt_every": AT_LEAST_1,
     "seg.log_every": AT_LEAST_1,
 }
 
@@ -271,8 +313,9 @@ def validate(cfg: Config) -> Config:
     d = cfg.to_dict()
     if d["train"]["keep"] == "best" and d["train"]["eval_every"] < 1:
         src = _sources(cfg).get("train.keep", "the config")
-        raise ConfigError(f"{src}: train.keep = 'best' needs an evaluation every epoch; set train.eval_every = 1 "
-                          "(or keep = 'last')")
+        raise ConfigError(
+            f"{src}: train.keep = 'best' needs an evaluation every epoch; set train.eval_every = 1 (or keep = 'last')"
+        )
     for key, rule in RULES.items():
         sec, name = key.split(".")
         value = d[sec][name]

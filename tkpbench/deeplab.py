@@ -24,9 +24,7 @@ class ASPP(nn.Module):
     def __init__(self, in_ch: int, num_classes: int, rates: tuple[int, ...] = (6, 12, 18, 24)) -> None:
         super().__init__()
         self.rates = tuple(rates)
-        self.branches = nn.ModuleList(
-            nn.Conv2d(in_ch, num_classes, 3, padding=r, dilation=r, bias=True) for r in self.rates
-        )
+        self.branches = nn.ModuleList(nn.Conv2d(in_ch, num_classes, 3, padding=r, dilation=r, bias=True) for r in self.rates)
         for conv in self.branches:
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
@@ -36,8 +34,14 @@ class ASPP(nn.Module):
 
 
 class DeepLabV2(nn.Module):
-    def __init__(self, num_classes: int, backbone: str = "resnet101", weights: str | Path | None = None,
-                 rates: tuple[int, ...] = (6, 12, 18, 24), output_stride: int = 8) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet101",
+        weights: str | Path | None = None,
+        rates: tuple[int, ...] = (6, 12, 18, 24),
+        output_stride: int = 8,
+    ) -> None:
         """``output_stride`` 8 is DeepLab-v2's (layer3 and layer4 dilated); 16 dilates layer4 only, about
         3x cheaper (the CPU demo uses it; never the paper's tables)."""
         super().__init__()
@@ -65,8 +69,10 @@ class DeepLabV2(nn.Module):
         return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
 
     def param_groups(self, lr: float, head_mult: float) -> list[dict]:
-        return [{"params": list(self.backbone.parameters()), "lr": lr},
-                {"params": list(self.aspp.parameters()), "lr": lr * head_mult}]
+        return [
+            {"params": list(self.backbone.parameters()), "lr": lr},
+            {"params": list(self.aspp.parameters()), "lr": lr * head_mult},
+        ]
 
 
 @torch.no_grad()
@@ -107,5 +113,7 @@ def load_backbone(net: nn.Module, path: Path, backbone: str) -> None:
     missing, unexpected = net.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
-        raise WeightsError(f"{path}: does not fit torchvision {backbone}: {len(missing)} missing keys "
-                           f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        raise WeightsError(
+            f"{path}: does not fit torchvision {backbone}: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )

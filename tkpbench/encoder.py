@@ -53,9 +53,7 @@ class PatchEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.name = name
-        self.vit = timm.create_model(
-            name, pretrained=False, num_classes=0, dynamic_img_size=True, img_size=img_size, **kwargs
-        )
+        self.vit = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, img_size=img_size, **kwargs)
         self.patch_size = self.vit.patch_embed.patch_size[0]
         self.embed_dim = self.vit.embed_dim
         self.num_prefix_tokens = self.vit.num_prefix_tokens

@@ -175,9 +175,18 @@ class Trainer:
     checkpoint, a path continues that file, None refuses a folder that already has checkpoints.
     ``config_text`` goes to ``config.toml`` once the run is known not to clash with the folder."""
 
-    def __init__(self, task: Task, cfg_dict: dict[str, Any], run_dir: Path, dist: D.DistInfo,
-                 resume: str | None = "auto", force: bool = False, progress: bool = True,
-                 config_text: str | None = None, tensorboard: bool = False) -> None:
+    def __init__(
+        self,
+        task: Task,
+        cfg_dict: dict[str, Any],
+        run_dir: Path,
+        dist: D.DistInfo,
+        resume: str | None = "auto",
+        force: bool = False,
+        progress: bool = True,
+        config_text: str | None = None,
+        tensorboard: bool = False,
+    ) -> None:
         self.task, self.cfg_dict, self.run, self.dist = task, cfg_dict, RunDir(run_dir), dist
         self.tensorboard, self.tb = tensorboard, None
         self.resume_from, self.force, self.show_progress, self.config_text = resume, force, progress, config_text
@@ -256,7 +265,8 @@ class Trainer:
         if task.global_batch % dist.world:
             raise TrainingError(
                 f"the global batch {task.global_batch} does not divide over {dist.world} processes; use a process "
-                "count that divides it (the global batch is never changed silently)")
+                "count that divides it (the global batch is never changed silently)"
+            )
         per_rank = task.global_batch // dist.world
         self.micro = task.micro_batch or per_rank
         if per_rank % self.micro:
@@ -265,11 +275,18 @@ class Trainer:
         train_set = task.train_set()
         self.sampler = D.ResumableSampler(len(train_set), task.global_batch, dist.rank, dist.world, task.seed)
         w = task.workers
-        self.loader = DataLoader(train_set, batch_size=per_rank, sampler=self.sampler, num_workers=w,
-                                 pin_memory=dist.device.type == "cuda", persistent_workers=w > 0, drop_last=True,
-                                 prefetch_factor=4 if w > 0 else None,
-                                 # its own generator: an iterator made at resume must not draw from the global RNG
-                                 generator=torch.Generator().manual_seed(task.seed))
+        self.loader = DataLoader(
+            train_set,
+            batch_size=per_rank,
+            sampler=self.sampler,
+            num_workers=w,
+            pin_memory=dist.device.type == "cuda",
+            persistent_workers=w > 0,
+            drop_last=True,
+            prefetch_factor=4 if w > 0 else None,
+            # its own generator: an iterator made at resume must not draw from the global RNG
+            generator=torch.Generator().manual_seed(task.seed),
+        )
         self.total = task.total_steps(self.sampler.batches_per_epoch)
         self.ddp: nn.Module = self.model
         self.wrapped = False
@@ -286,14 +303,16 @@ class Trainer:
             except CheckpointError as e:
                 raise TrainingError(str(e)) from e
         elif list_checkpoints(self.run.checkpoints):
-            raise TrainingError(f"{self.run.root} already holds checkpoints; pass --resume auto to continue it, "
-                                "or choose another run name")
+            raise TrainingError(
+                f"{self.run.root} already holds checkpoints; pass --resume auto to continue it, or choose another run name"
+            )
         if ck is not None:
             where = ck.get("_path", self.resume_from)
             diff = diff_configs(self.task.resume_view(ck["config"]), self.task.resume_view(self.cfg_dict))
             if diff and not self.force:
-                raise TrainingError(f"refusing to resume {where} with a different config (pass --force to "
-                                    "override):\n  " + "\n  ".join(diff))
+                raise TrainingError(
+                    f"refusing to resume {where} with a different config (pass --force to override):\n  " + "\n  ".join(diff)
+                )
             unwrap(self.model).load_state_dict(ck["model"])
             self.optimizer.load_state_dict(ck["optimizer"])
             self.state = RunState(ck["epoch"], ck["batch_in_epoch"], ck["step"])
@@ -301,8 +320,10 @@ class Trainer:
             if ck.get("world") == self.dist.world:
                 D.set_rng_state(ck["rng"][self.dist.rank])
             else:
-                self.say(f"warning: checkpoint was written by {ck.get('world')} processes, this run has "
-                         f"{self.dist.world}: the data order continues approximately, not exactly")
+                self.say(
+                    f"warning: checkpoint was written by {ck.get('world')} processes, this run has "
+                    f"{self.dist.world}: the data order continues approximately, not exactly"
+                )
             self.say(f"resumed from {where} at epoch {self.state.epoch + 1}, step {self.state.step}")
             if self.main:
                 self._truncate_log(ck.get("log_bytes"))
@@ -351,9 +372,9 @@ class Trainer:
             g["lr"] = lr
         summed = None  # the loss terms, accumulated on the device
         for i in range(self.accum):
-            mb = tuple(x[i * self.micro:(i + 1) * self.micro] for x in batch)
+            mb = tuple(x[i * self.micro : (i + 1) * self.micro] for x in batch)
             sync = i == self.accum - 1 or not dist.enabled
-            with (self.ddp.no_sync() if not sync else contextlib.nullcontext()):
+            with self.ddp.no_sync() if not sync else contextlib.nullcontext():
                 losses = self.losses(mb)
                 (losses["loss"] / self.accum).backward()
             part = torch.stack([v.detach().float() for v in losses.values()]) / self.accum
@@ -367,8 +388,11 @@ class Trainer:
         bad = [k for k, v in terms.items() if not math.isfinite(v)]
         if bad:
             path = self.checkpoint(f"diagnostic_nan_step{st.step:08d}.pt")
-            raise TrainingError(f"non-finite loss at step {st.step} (epoch {st.epoch + 1}): "
-                                + ", ".join(f"{k}={terms[k]}" for k in bad) + f"; diagnostic checkpoint {path}")
+            raise TrainingError(
+                f"non-finite loss at step {st.step} (epoch {st.epoch + 1}): "
+                + ", ".join(f"{k}={terms[k]}" for k in bad)
+                + f"; diagnostic checkpoint {path}"
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         st.step += 1
@@ -387,8 +411,16 @@ class Trainer:
         ips = self.imgs_since / max(now - self.t_last, 1e-9)
         self.t_last, self.imgs_since = now, 0
         mem = torch.cuda.max_memory_allocated() / 2**30 if self.dist.device.type == "cuda" else 0.0
-        self.log({"step": self.state.step, "epoch": self.state.epoch + 1, **{k: round(v, 6) for k, v in terms.items()},
-                  "lr": lr, "images_per_s": round(ips, 2), "peak_mem_gib": round(mem, 3)})
+        self.log(
+            {
+                "step": self.state.step,
+                "epoch": self.state.epoch + 1,
+                **{k: round(v, 6) for k, v in terms.items()},
+                "lr": lr,
+                "images_per_s": round(ips, 2),
+                "peak_mem_gib": round(mem, 3),
+            }
+        )
         if self.prog is not None:
             info = " ".join(f"{k}={v:.4f}" for k, v in terms.items()) + f" lr={lr:.1e} {ips:.1f} img/s"
             self.prog.update(self.bar, completed=self.state.step, info=f"ep {self.state.epoch + 1} {info}")
@@ -415,15 +447,26 @@ class Trainer:
             return
         self.best = value
         if self.main:
-            atomic_torch_save(self.run.best, {"format": CHECKPOINT_FORMAT, "model": unwrap(self.model).state_dict(),
-                                              "epoch": self.state.epoch, "step": self.state.step,
-                                              self.task.best_metric: value, "task": self.task.name})
+            atomic_torch_save(
+                self.run.best,
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "model": unwrap(self.model).state_dict(),
+                    "epoch": self.state.epoch,
+                    "step": self.state.step,
+                    self.task.best_metric: value,
+                    "task": self.task.name,
+                },
+            )
 
     def interrupted(self) -> None:
         path = self.checkpoint()
         sig = self.stop_signal
-        raise TrainingInterrupted(f"stopped by signal {sig} ({signal.Signals(sig).name}) at step {self.state.step}; "
-                                  f"saved {path}. Run the same command again to continue from there", sig)
+        raise TrainingInterrupted(
+            f"stopped by signal {sig} ({signal.Signals(sig).name}) at step {self.state.step}; "
+            f"saved {path}. Run the same command again to continue from there",
+            sig,
+        )
 
     def log(self, rec: dict[str, Any]) -> None:
         if self.main:
@@ -439,8 +482,9 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise TrainingError("--tensorboard needs the tensorboard package: pip install 'tkpbench[tb]' "
-                                    f"(or pip install tensorboard); {e}") from None
+                raise TrainingError(
+                    f"--tensorboard needs the tensorboard package: pip install 'tkpbench[tb]' (or pip install tensorboard); {e}"
+                ) from None
             self.tb = SummaryWriter(str(self.run.root / "tensorboard"))
         for k, v in rec.items():
             if k not in ("step", "epoch") and isinstance(v, (int, float)):
@@ -450,11 +494,22 @@ class Trainer:
     def checkpoint(self, tag: str | None = None) -> Path:
         st = self.state
         log_bytes = os.path.getsize(self.run.log) if self.main and self.run.log.is_file() else 0
-        return self.ckpt.save({
-            "task": self.task.name, "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-            "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch, "step": st.step, "config": self.cfg_dict,
-            "world": self.dist.world, "log_bytes": log_bytes, "best_metric": self.best,
-        }, st.step, tag)
+        return self.ckpt.save(
+            {
+                "task": self.task.name,
+                "model": unwrap(self.model).state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "epoch": st.epoch,
+                "batch_in_epoch": st.batch_in_epoch,
+                "step": st.step,
+                "config": self.cfg_dict,
+                "world": self.dist.world,
+                "log_bytes": log_bytes,
+                "best_metric": self.best,
+            },
+            st.step,
+            tag,
+        )
 
     def save_final(self) -> None:
         """final.pt: the last weights, or with train.keep = "best" those of the best evaluation."""
@@ -465,14 +520,31 @@ class Trainer:
                 weights = best["model"]
                 kept = f"best {self.task.best_metric} {best[self.task.best_metric]:.4f} at epoch {best['epoch']}"
                 self.say(f"final.pt: the weights of epoch {best['epoch']} ({kept})")
-            atomic_torch_save(self.run.final, {"format": CHECKPOINT_FORMAT, "model": weights, "config": self.cfg_dict,
-                                               "step": self.state.step, "task": self.task.name, "kept": kept})
+            atomic_torch_save(
+                self.run.final,
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "model": weights,
+                    "config": self.cfg_dict,
+                    "step": self.state.step,
+                    "task": self.task.name,
+                    "kept": kept,
+                },
+            )
         D.barrier()
 
 
-def fit(task: Task, cfg_dict: dict[str, Any], run_dir: Path, dist: D.DistInfo, resume: str | None = "auto",
-        force: bool = False, progress: bool = True, config_text: str | None = None, tensorboard: bool = False
-        ) -> nn.Module:
+def fit(
+    task: Task,
+    cfg_dict: dict[str, Any],
+    run_dir: Path,
+    dist: D.DistInfo,
+    resume: str | None = "auto",
+    force: bool = False,
+    progress: bool = True,
+    config_text: str | None = None,
+    tensorboard: bool = False,
+) -> nn.Module:
     """Train ``task`` to the end under ``run_dir`` (see ``Trainer``); returns the unwrapped model.
     Raises ``TrainingInterrupted`` after saving when a signal stops it."""
     return Trainer(task, cfg_dict, run_dir, dist, resume, force, progress, config_text, tensorboard).fit()

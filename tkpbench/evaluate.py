@@ -1,7 +1,7 @@
 """Score a folder of predicted masks against a split's ground truth.
 
-    python -m tkpbench.evaluate --run runs/topk_pce        # Table 1: pseudo masks before/after the CRF
-    python -m tkpbench.evaluate --pred runs/topk_pce/pseudo/crf --split train --root data/VOCdevkit/VOC2012
+python -m tkpbench.evaluate --run runs/topk_pce        # Table 1: pseudo masks before/after the CRF
+python -m tkpbench.evaluate --pred runs/topk_pce/pseudo/crf --split train --root data/VOCdevkit/VOC2012
 """
 
 from __future__ import annotations
@@ -58,11 +58,15 @@ def evaluate_folder(pred_dir: Path, ds, workers: int = 4) -> Scores:
             with Image.open(ds.image_path(i)) as im:  # the header only: which of the two is wrong?
                 w, h = im.size
             if gt.shape != (h, w):
-                raise DatasetError(f"ground-truth mask {ds.mask_path(i)} is {gt.shape[1]}x{gt.shape[0]} but its image "
-                                   f"{ds.image_path(i)} is {w}x{h}; the dataset's mask is damaged or from another "
-                                   "image (python -m tkpbench.data check finds all such files)")
-            raise DatasetError(f"prediction {path} is {pred.shape[1]}x{pred.shape[0]} but its image is "
-                               f"{w}x{h}; predictions must have the image's own size")
+                raise DatasetError(
+                    f"ground-truth mask {ds.mask_path(i)} is {gt.shape[1]}x{gt.shape[0]} but its image "
+                    f"{ds.image_path(i)} is {w}x{h}; the dataset's mask is damaged or from another "
+                    "image (python -m tkpbench.data check finds all such files)"
+                )
+            raise DatasetError(
+                f"prediction {path} is {pred.shape[1]}x{pred.shape[0]} but its image is "
+                f"{w}x{h}; predictions must have the image's own size"
+            )
         return pred, gt
 
     inter = np.zeros((len(ds), ds.num_classes), dtype=np.int64)
@@ -95,15 +99,34 @@ def score_pseudo_masks(run_dir: Path, cfg, results: Path = Path("results")) -> d
     counts = Path(results) / run.name / "counts_mask.npz"
     save_counts(counts, ds.ids, inter=before.inter, union=before.union, inter_crf=after.inter, union_crf=after.union)
     rec = StageRecord(
-        stage="mask", dataset=cfg.data.dataset, split=cfg.data.mask_split, miou=round(100 * cm.miou(), 3),
-        per_class=per_class_dict(ds.classes, cm.iou()), num_images=len(ds), miou_crf=round(100 * cm_crf.miou(), 3),
-        per_class_crf=per_class_dict(ds.classes, cm_crf.iou()), pixel_accuracy=round(100 * cm.pixel_accuracy(), 3),
+        stage="mask",
+        dataset=cfg.data.dataset,
+        split=cfg.data.mask_split,
+        miou=round(100 * cm.miou(), 3),
+        per_class=per_class_dict(ds.classes, cm.iou()),
+        num_images=len(ds),
+        miou_crf=round(100 * cm_crf.miou(), 3),
+        per_class_crf=per_class_dict(ds.classes, cm_crf.iou()),
+        pixel_accuracy=round(100 * cm.pixel_accuracy(), 3),
         miou_all_background=round(100 * cm.all_background_miou(), 3),
-        protocol={"infer_size": cfg.pseudo.infer_size, "merge": "ViT-PCM tag merge", "scales": [1.0], "flip": False,
-                  "crf": asdict(cfg.crf), "tags": cfg.data.tags, "encoder": cfg.model.encoder,
-                  "encoder_weights": cfg.model.weights or "random", "pooling": cfg.model.pooling, "k": cfg.model.k,
-                  "pce": cfg.model.pce, "eps": cfg.model.eps, "alpha": cfg.model.alpha},
-        synthetic=cfg.synthetic, model_sha256=model_digest(run.final), settings=chain_settings("crf", cfg),
+        protocol={
+            "infer_size": cfg.pseudo.infer_size,
+            "merge": "ViT-PCM tag merge",
+            "scales": [1.0],
+            "flip": False,
+            "crf": asdict(cfg.crf),
+            "tags": cfg.data.tags,
+            "encoder": cfg.model.encoder,
+            "encoder_weights": cfg.model.weights or "random",
+            "pooling": cfg.model.pooling,
+            "k": cfg.model.k,
+            "pce": cfg.model.pce,
+            "eps": cfg.model.eps,
+            "alpha": cfg.model.alpha,
+        },
+        synthetic=cfg.synthetic,
+        model_sha256=model_digest(run.final),
+        settings=chain_settings("crf", cfg),
         counts_file=counts.name,
     )
     write_stage(results, Path(run_dir).name, stamp(rec, time.perf_counter() - t0), cfg.to_dict())
@@ -112,8 +135,13 @@ def score_pseudo_masks(run_dir: Path, cfg, results: Path = Path("results")) -> d
 
 def _main(argv: list[str] | None = None) -> int:
     p = cli.parser("tkpbench evaluate", __doc__, cli.config_options())
-    p.add_argument("--run", type=Path, default=None, help="score this run's pseudo masks (before and after the CRF) "
-                   "on data.mask_split and record them in RESULTS/<run>/summary.json")
+    p.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        help="score this run's pseudo masks (before and after the CRF) "
+        "on data.mask_split and record them in RESULTS/<run>/summary.json",
+    )
     p.add_argument("--results", type=Path, default=Path("results"))
     p.add_argument("--pred", type=Path, default=None, help="or: a folder of <id>.png predictions to score")
     p.add_argument("--split", default=None)

@@ -55,9 +55,12 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", siz
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             free = shutil.disk_usage(path.parent).free
             need = f"{size_hint / 2**20:.1f} MiB needed, " if size_hint else ""
-            raise DiskFullError(errno.ENOSPC, f"no space left in {path.parent} while writing {path.name} "
-                                f"({need}{free / 2**20:.1f} MiB free); free some space (or point --runs/--results "
-                                "at a larger disk) and run the same command again: finished work is kept") from e
+            raise DiskFullError(
+                errno.ENOSPC,
+                f"no space left in {path.parent} while writing {path.name} "
+                f"({need}{free / 2**20:.1f} MiB free); free some space (or point --runs/--results "
+                "at a larger disk) and run the same command again: finished work is kept",
+            ) from e
         raise
     return size
 

@@ -115,8 +115,9 @@ def upsample_probs(p: Tensor, size: tuple[int, int], align_corners: bool = False
     return F.interpolate(p, size=size, mode="bilinear", align_corners=align_corners)
 
 
-def patch_masks(z: Tensor, grid: tuple[int, int], tags: Tensor, size: tuple[int, int],
-                return_probs: bool = False, align_corners: bool = False):
+def patch_masks(
+    z: Tensor, grid: tuple[int, int], tags: Tensor, size: tuple[int, int], return_probs: bool = False, align_corners: bool = False
+):
     """z: (B, S, C) patch scores -> merged (B, C, h, w) -> bilinear to ``size`` -> argmax (B, H, W).
     With ``return_probs`` also the upsampled merged probabilities (B, C, H, W)."""
     up = upsample_probs(merged_grid(z, grid, tags), size, align_corners)

@@ -159,20 +159,30 @@ class _Kernel:
 
 def _features(images: Tensor, sxy: float, srgb: float | None) -> Tensor:
     b, h, w, _ = images.shape
-    yy, xx = torch.meshgrid(torch.arange(h, device=images.device, dtype=torch.float32),
-                            torch.arange(w, device=images.device, dtype=torch.float32), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(h, device=images.device, dtype=torch.float32),
+        torch.arange(w, device=images.device, dtype=torch.float32),
+        indexing="ij",
+    )
     pos = torch.stack([xx / sxy, yy / sxy], -1).reshape(1, h * w, 2).expand(b, -1, -1)
     if srgb is None:
         return pos
     return torch.cat([pos, images.reshape(b, h * w, 3).float() / srgb], -1)
 
 
-def mean_field(images: Tensor, unary: Tensor, iters: int, gauss_sxy: float, gauss_compat: float,
-               bi_sxy: float, bi_srgb: float, bi_compat: float) -> Tensor:
+def mean_field(
+    images: Tensor,
+    unary: Tensor,
+    iters: int,
+    gauss_sxy: float,
+    gauss_compat: float,
+    bi_sxy: float,
+    bi_srgb: float,
+    bi_compat: float,
+) -> Tensor:
     """images: uint8 (B, H, W, 3); unary: (B, C, H, W) energies. Returns Q (B, C, H, W)."""
     b, c, h, w = unary.shape
-    kernels = [_Kernel(_features(images, gauss_sxy, None), gauss_compat),
-               _Kernel(_features(images, bi_sxy, bi_srgb), bi_compat)]
+    kernels = [_Kernel(_features(images, gauss_sxy, None), gauss_compat), _Kernel(_features(images, bi_sxy, bi_srgb), bi_compat)]
     u = unary.float().permute(0, 2, 3, 1).reshape(b * h * w, c)
     q = torch.softmax(-u, dim=1)
     for _ in range(iters):

@@ -80,15 +80,21 @@ def _stage(module: str, args: list[str], nproc: int, log) -> None:
     if nproc == 1:
         rc = _in_process(module, args)
     else:
-        rc = _subprocess([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          f"--nproc_per_node={nproc}", "-m", module, *args])
+        rc = _subprocess(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *args]
+        )
     if rc > 128 or rc < 0:
         sig = rc - 128 if rc > 128 else -rc
-        raise PipelineInterrupted(f"stopped by signal {sig} during: python -m {module} {' '.join(args)}\nWhat was "
-                                  "finished is kept; run the same command again to continue.", sig)
+        raise PipelineInterrupted(
+            f"stopped by signal {sig} during: python -m {module} {' '.join(args)}\nWhat was "
+            "finished is kept; run the same command again to continue.",
+            sig,
+        )
     if rc:
-        raise PipelineError(f"stage failed (exit {rc}; its message is above): python -m {module} {' '.join(args)}\n"
-                            "Fix what it says, then run the same command again to continue from here.")
+        raise PipelineError(
+            f"stage failed (exit {rc}; its message is above): python -m {module} {' '.join(args)}\n"
+            "Fix what it says, then run the same command again to continue from here."
+        )
     log(f"  done in {time.perf_counter() - t0:.1f} s")
 
 
@@ -145,8 +151,10 @@ def check_same_config(cfg: Config, run: RunDir) -> None:
     diff = diff_configs(training_view(load_config(run.config).to_dict()), training_view(cfg.to_dict()))
     if diff:
         raise PipelineError(
-            f"{run.final} was trained with another config (trained -> requested):\n  " + "\n  ".join(diff)
-            + f"\nFix: give this config its own run (--set name=...), or remove {run.root} to train it again")
+            f"{run.final} was trained with another config (trained -> requested):\n  "
+            + "\n  ".join(diff)
+            + f"\nFix: give this config its own run (--set name=...), or remove {run.root} to train it again"
+        )
 
 
 def stage_done(marker: Path, model: str, settings: dict, log) -> bool:
@@ -157,8 +165,9 @@ def stage_done(marker: Path, model: str, settings: dict, log) -> bool:
         return False
     if have.get("model_sha256") == model and have.get("settings") == settings:
         return True
-    why = ([f"final.pt: {have.get('model_sha256')} -> {model}"] if have.get("model_sha256") != model else []) \
-        + settings_diff(have.get("settings") or {}, settings)
+    why = ([f"final.pt: {have.get('model_sha256')} -> {model}"] if have.get("model_sha256") != model else []) + settings_diff(
+        have.get("settings") or {}, settings
+    )
     log(f"[redo] {marker.name}: made with other settings ({'; '.join(why)})")
     marker.unlink(missing_ok=True)
     return False
@@ -167,12 +176,16 @@ def stage_done(marker: Path, model: str, settings: dict, log) -> bool:
 def check_data(cfg: Config, log) -> None:
     splits = sorted({cfg.data.train_split, cfg.data.val_split, cfg.data.mask_split, cfg.data.seg_train_split})
     ok, lines = check_dataset(cfg.data.dataset, cfg.data.root, splits)
-    for what, key, path in (("encoder", "model.weights", cfg.model.weights),
-                            ("DeepLab backbone", "seg.weights", cfg.seg.weights)):
+    for what, key, path in (
+        ("encoder", "model.weights", cfg.model.weights),
+        ("DeepLab backbone", "seg.weights", cfg.seg.weights),
+    ):
         if not path and not cfg.synthetic:
             ok = False
-            lines.append(f"  {what} weights: {key} is empty, which would train from random init; the paper starts "
-                         f"from ImageNet weights. Fix: python -m tkpbench.data download weights --root weights")
+            lines.append(
+                f"  {what} weights: {key} is empty, which would train from random init; the paper starts "
+                f"from ImageNet weights. Fix: python -m tkpbench.data download weights --root weights"
+            )
         if path and not Path(path).is_file():
             ok = False
             lines.append(f"  {what} weights {path}: MISSING. Fix: python -m tkpbench.data download weights --root weights")
@@ -181,8 +194,7 @@ def check_data(cfg: Config, log) -> None:
     log("\n".join(lines))
 
 
-def run_chain(cfg_path: Path, overrides: list[str], runs: Path, results: Path, nproc: int, seg: bool = True,
-              log=print) -> str:
+def run_chain(cfg_path: Path, overrides: list[str], runs: Path, results: Path, nproc: int, seg: bool = True, log=print) -> str:
     """All stages for one config. Returns the run name."""
     cfg = load_config(cfg_path, overrides)
     name = cfg.name
@@ -230,8 +242,7 @@ def run_chain(cfg_path: Path, overrides: list[str], runs: Path, results: Path, n
             write_marker(run.marker("seg"), model, seg_set, time=time.time())
         eval_set = chain_settings("seg_eval", cfg)
         if not has_stage(results, name, "seg", model_digest(run.seg.final), eval_set):
-            _stage("tkpbench.segment", ["eval", "--run", str(run.root), "--results", str(results), *conf, *common],
-                   nproc, log)
+            _stage("tkpbench.segment", ["eval", "--run", str(run.root), "--results", str(results), *conf, *common], nproc, log)
         else:
             log("[skip] DeepLab eval")
     return name
@@ -279,11 +290,20 @@ def parse_seeds(text: str | None, target: str) -> list[int]:
 def _main(argv: list[str] | None = None) -> int:
     p = cli.parser("tkpbench reproduce", __doc__)
     p.add_argument("target", choices=["voc", "coco", "ablation", "sweep", "demo"])
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   help="config override for every run, e.g. --set data.root=/data/VOCdevkit/VOC2012")
-    p.add_argument("--seeds", default=os.environ.get("SEEDS") or None,
-                   help="training seeds, e.g. 0,1,2 (default per target: " +
-                   ", ".join(f"{k} {','.join(map(str, v))}" for k, v in DEFAULT_SEEDS.items()) + "; env SEEDS)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="config override for every run, e.g. --set data.root=/data/VOCdevkit/VOC2012",
+    )
+    p.add_argument(
+        "--seeds",
+        default=os.environ.get("SEEDS") or None,
+        help="training seeds, e.g. 0,1,2 (default per target: "
+        + ", ".join(f"{k} {','.join(map(str, v))}" for k, v in DEFAULT_SEEDS.items())
+        + "; env SEEDS)",
+    )
     p.add_argument("--runs", type=Path, default=Path("runs"))
     p.add_argument("--results", type=Path, default=Path("results"))
     p.add_argument("--nproc", type=int, default=None, help="processes (default: number of GPUs, or 1)")
@@ -305,10 +325,22 @@ def _main(argv: list[str] | None = None) -> int:
     elif args.target == "voc":
         chains = [(BASELINES / "topk_pce.toml", ["data.dataset=voc"] + ov)]
     elif args.target == "coco":
-        chains = [(BASELINES / "topk_pce.toml", [
-            "data.root=data/coco", "data.dataset=coco", "model.num_classes=81", "data.train_split=train2014",
-            "data.val_split=val2014", "data.mask_split=train2014", "data.seg_train_split=train2014",
-            "name=coco_topk_pce"] + ov)]
+        chains = [
+            (
+                BASELINES / "topk_pce.toml",
+                [
+                    "data.root=data/coco",
+                    "data.dataset=coco",
+                    "model.num_classes=81",
+                    "data.train_split=train2014",
+                    "data.val_split=val2014",
+                    "data.mask_split=train2014",
+                    "data.seg_train_split=train2014",
+                    "name=coco_topk_pce",
+                ]
+                + ov,
+            )
+        ]
     elif args.target == "ablation":
         chains = [(BASELINES / f"{name}.toml", ov) for name in ("avg", "vit_pcm_max", "topk", "topk_pce")]
     else:

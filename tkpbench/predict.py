@@ -80,8 +80,9 @@ def tkp_probs(model: TKPPCL, cfg: Config, image: np.ndarray, tags: torch.Tensor 
     if tags is None:
         tags = out.y[0] > threshold
         tags[0] = True
-    _, probs = patch_masks(out.z, out.grid, tags[None], image.shape[:2], return_probs=True,
-                           align_corners=cfg.pseudo.align_corners)
+    _, probs = patch_masks(
+        out.z, out.grid, tags[None], image.shape[:2], return_probs=True, align_corners=cfg.pseudo.align_corners
+    )
     return probs[0], tags
 
 
@@ -113,8 +114,15 @@ def _save_jpeg(path: Path, im: Image.Image) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def predict_images(run_dir: Path, images: list[Path], out: Path, tags_text: str | None = None, crf: bool = False,
-                   seg: bool = False, threshold: float = 0.5) -> list[Path]:
+def predict_images(
+    run_dir: Path,
+    images: list[Path],
+    out: Path,
+    tags_text: str | None = None,
+    crf: bool = False,
+    seg: bool = False,
+    threshold: float = 0.5,
+) -> list[Path]:
     """Write ``<stem>.png`` and ``<stem>_overlay.jpg`` for every image; returns the mask paths."""
     run = RunDir(run_dir)
     model, cfg = TKPPCL.from_checkpoint(load_final(run))

@@ -93,8 +93,7 @@ def generate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
     if dist.is_main:  # outputs of another final.pt or other settings (a resumed stage) are removed, never mixed
         stale = claim_outputs(run.pseudo, model_digest(run.final), stage_settings("pseudo", cfg), ("masks", "probs"))
         if stale:
-            print(f"pseudo masks in {run.pseudo} were made from another model or settings ({'; '.join(stale)}): "
-                  "made again")
+            print(f"pseudo masks in {run.pseudo} were made from another model or settings ({'; '.join(stale)}): made again")
     D.barrier()
     run.masks.mkdir(parents=True, exist_ok=True)
     run.probs.mkdir(parents=True, exist_ok=True)
@@ -104,8 +103,9 @@ def generate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
         return 0
     enc = model.encoder
     ds = _InferSet(base, todo, cfg.pseudo.infer_size, enc.mean, enc.std)
-    loader = DataLoader(ds, batch_size=cfg.pseudo.batch_size, num_workers=min(cfg.data.workers, 8),
-                        pin_memory=dist.device.type == "cuda")
+    loader = DataLoader(
+        ds, batch_size=cfg.pseudo.batch_size, num_workers=min(cfg.data.workers, 8), pin_memory=dist.device.type == "cuda"
+    )
     writer = ThreadPoolExecutor(4)
     pending: deque = deque()
 
@@ -114,15 +114,16 @@ def generate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
         if grid is not None:
             save_probs(run.probs / f"{image_id}.npz", grid, classes, size, cfg.pseudo.align_corners)
 
-    for x, tags, idx, hw in track(loader, total=len(loader), description=f"pseudo masks {split}",
-                                  enabled=progress and dist.is_main):
+    for x, tags, idx, hw in track(
+        loader, total=len(loader), description=f"pseudo masks {split}", enabled=progress and dist.is_main
+    ):
         with D.autocast(dist.device, cfg.train.amp):
             o = model(x.to(dist.device, non_blocking=True))
         tags = tags.to(dist.device)
         tags[:, 0] = True
         for b in range(x.shape[0]):  # each image goes back to its own size
             h, w = hw[b].tolist()
-            merged = merged_grid(o.z[b:b + 1], o.grid, tags[b:b + 1])  # (1, C, h', w') on the patch grid
+            merged = merged_grid(o.z[b : b + 1], o.grid, tags[b : b + 1])  # (1, C, h', w') on the patch grid
             mask = upsample_probs(merged, (h, w), cfg.pseudo.align_corners)[0].argmax(0).to(torch.uint8).cpu().numpy()
             classes = tags[b].nonzero().flatten()
             # only the tagged classes' grid leaves the device (the others are 0); the CRF upsamples it again

@@ -57,11 +57,21 @@ class StageRecord:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=10,
+        )
         # "-dirty" when tracked code differs from the commit; results/ (this suite's own outputs) does not count
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":!/results"],
-                               capture_output=True, text=True, cwd=Path(__file__).resolve().parent, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":!/results"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=10,
+        )
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
     except Exception:
         return "unknown"
@@ -82,13 +92,21 @@ def machine_info() -> dict[str, Any]:
     bit-identical on one kind of machine with one set of versions, not across them."""
     cuda = torch.cuda.is_available()
     return {
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if cuda else "", "gpus": torch.cuda.device_count() if cuda else 0,
-        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda or "",
-        "cudnn": str(torch.backends.cudnn.version() or "") if cuda else "", "timm": timm.__version__,
-        "numpy": np.__version__, "os": platform.platform(terse=True),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if cuda else "",
+        "gpus": torch.cuda.device_count() if cuda else 0,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "",
+        "cudnn": str(torch.backends.cudnn.version() or "") if cuda else "",
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+        "os": platform.platform(terse=True),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
     }
 
 

@@ -57,8 +57,9 @@ def _load(ds, pseudo_dir: Path, i: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         probs = load_probs(path, ds.num_classes)
     except Exception as e:
-        raise ValueError(f"{path}: cannot be loaded ({e}); run python -m tkpbench.pseudo again, "
-                         "which recomputes damaged files") from e
+        raise ValueError(
+            f"{path}: cannot be loaded ({e}); run python -m tkpbench.pseudo again, which recomputes damaged files"
+        ) from e
     return ds.image(i), probs
 
 
@@ -98,8 +99,13 @@ def _refine_on_device(ds, pseudo_dir: Path, todo: list[int], cfg: CRFConfig, loa
     """The torch backend: one process drives the device image by image while DataLoader workers
     load the next images and a thread writes the PNGs, so the device does not wait on file I/O.
     Yields 'done' or an error text per image."""
-    loader = DataLoader(_Inputs(ds, pseudo_dir, todo), batch_size=None, num_workers=loaders,
-                        prefetch_factor=4 if loaders else None, collate_fn=_as_is)  # keep numpy arrays
+    loader = DataLoader(
+        _Inputs(ds, pseudo_dir, todo),
+        batch_size=None,
+        num_workers=loaders,
+        prefetch_factor=4 if loaders else None,
+        collate_fn=_as_is,
+    )  # keep numpy arrays
     with ThreadPoolExecutor(1) as writer:
         pending: deque = deque()
         for i, image, probs, error in loader:
@@ -120,8 +126,16 @@ def _as_is(sample):
     return sample
 
 
-def refine_folder(run_dir: Path, split: str, cfg: CRFConfig, data_cfg: DataConfig, rank: int = 0, world: int = 1,
-                  progress: bool = True, made_from: tuple[str, dict] | None = None) -> dict[str, int]:
+def refine_folder(
+    run_dir: Path,
+    split: str,
+    cfg: CRFConfig,
+    data_cfg: DataConfig,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+    made_from: tuple[str, dict] | None = None,
+) -> dict[str, int]:
     """CRF over this rank's shard of ``split``. Raises on damaged inputs.
 
     ``made_from``: (model digest, settings) that the CRF outputs are made from; outputs of another
@@ -181,8 +195,16 @@ def _main(argv: list[str] | None = None) -> int:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     t = time.perf_counter()
     made_from = (model_digest(RunDir(args.run).final), chain_settings("crf", cfg))
-    counts = refine_folder(args.run, args.split or cfg.data.seg_train_split, cfg.crf, cfg.data, rank, world,
-                           progress=not args.no_progress and rank == 0, made_from=made_from)
+    counts = refine_folder(
+        args.run,
+        args.split or cfg.data.seg_train_split,
+        cfg.crf,
+        cfg.data,
+        rank,
+        world,
+        progress=not args.no_progress and rank == 0,
+        made_from=made_from,
+    )
     print(f"CRF rank {rank}: {counts} in {time.perf_counter() - t:.1f} s")
     return 0
 

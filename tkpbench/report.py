@@ -34,15 +34,34 @@ from tkpbench.records import load_summary, machine_key
 from tkpbench.stats import Estimate, load_counts, paired_difference, seed_and_image_interval, seed_interval, verdict
 
 # SPEC Sec. 5 (the paper's tables), mIoU %.
-TABLE1 = [("MCTformer", "CVPR22", "DeiT-S", 61.7), ("PPC", "CVPR22", "ResNet38", 61.5), ("SIPE", "CVPR22", "ResNet50", 58.6),
-          ("AFA", "CVPR22", "MiT-B1", 66.0), ("ViT-PCM", "ECCV22", "ViT-B/16", 71.4), ("ToCo", "CVPR23", "ViT-B/16", 72.2),
-          ("TKP-PCL", "", "ViT-B/16", 74.6)]
-TABLE2 = [("MCTformer", "CVPR22", "DeiT-S", 61.7), ("PPC", "CVPR22", "ResNet38", 61.5), ("SIPE", "CVPR22", "ResNet50", 58.6),
-          ("AFA", "CVPR22", "MiT-B1", 63.8), ("ViT-PCM", "ECCV22", "ViT-B/16", 69.3), ("ToCo", "CVPR23", "ViT-B/16", 70.5),
-          ("SAPC-CS", "ICME23", "MiT-B1", 67.5), ("TKP-PCL", "", "ViT-B/16", 72.2)]
-TABLE3 = [("MCTformer", "CVPR22", "Resnet38", 42.0), ("SIPE", "CVPR22", "Resnet38", 43.6), ("AFA", "CVPR22", "MiT-B1", 38.9),
-          ("ViT-PCM", "ECCV22", "ViT-B/16", 45.0), ("ToCo", "CVPR23", "ViT-B/16", 42.3), ("SAPC-CS", "ICME23", "MiT-B1", 39.9),
-          ("TKP-PCL", "", "ViT-B/16", 45.6)]
+TABLE1 = [
+    ("MCTformer", "CVPR22", "DeiT-S", 61.7),
+    ("PPC", "CVPR22", "ResNet38", 61.5),
+    ("SIPE", "CVPR22", "ResNet50", 58.6),
+    ("AFA", "CVPR22", "MiT-B1", 66.0),
+    ("ViT-PCM", "ECCV22", "ViT-B/16", 71.4),
+    ("ToCo", "CVPR23", "ViT-B/16", 72.2),
+    ("TKP-PCL", "", "ViT-B/16", 74.6),
+]
+TABLE2 = [
+    ("MCTformer", "CVPR22", "DeiT-S", 61.7),
+    ("PPC", "CVPR22", "ResNet38", 61.5),
+    ("SIPE", "CVPR22", "ResNet50", 58.6),
+    ("AFA", "CVPR22", "MiT-B1", 63.8),
+    ("ViT-PCM", "ECCV22", "ViT-B/16", 69.3),
+    ("ToCo", "CVPR23", "ViT-B/16", 70.5),
+    ("SAPC-CS", "ICME23", "MiT-B1", 67.5),
+    ("TKP-PCL", "", "ViT-B/16", 72.2),
+]
+TABLE3 = [
+    ("MCTformer", "CVPR22", "Resnet38", 42.0),
+    ("SIPE", "CVPR22", "Resnet38", 43.6),
+    ("AFA", "CVPR22", "MiT-B1", 38.9),
+    ("ViT-PCM", "ECCV22", "ViT-B/16", 45.0),
+    ("ToCo", "CVPR23", "ViT-B/16", 42.3),
+    ("SAPC-CS", "ICME23", "MiT-B1", 39.9),
+    ("TKP-PCL", "", "ViT-B/16", 45.6),
+]
 TABLE4 = {"avg": (60.5, 59.6), "max": (70.1, 68.6), "topk": (72.9, 69.8), "topk+pce": (74.6, 72.2)}
 VARIANT_LABEL = {"avg": "Avg-Pooling", "max": "Max-Pooling (ViT-PCM)", "topk": "top-K", "topk+pce": "top-K + PCE"}
 # which measured variant a method row of Tables 1-3 corresponds to
@@ -83,8 +102,10 @@ def _fmt(v: float | None) -> str:
 
 
 def _prov(stage: dict[str, Any], run: str) -> str:
-    return (f"{run} @ {stage.get('commit', '?')}, {stage.get('date', '?')[:10]}, {stage.get('device', '?')}, "
-            f"{stage.get('dataset')}/{stage.get('split')}, {stage.get('num_images')} images")
+    return (
+        f"{run} @ {stage.get('commit', '?')}, {stage.get('date', '?')[:10]}, {stage.get('device', '?')}, "
+        f"{stage.get('dataset')}/{stage.get('split')}, {stage.get('num_images')} images"
+    )
 
 
 @dataclass
@@ -179,12 +200,13 @@ def paired(a: Group, b: Group, stage: str, crf: bool) -> Estimate | None:
 def delta_cell(d: Estimate | None) -> str:
     if d is None:
         return ""
-    return f"{d.value:+.1f} [{d.low:+.1f}, {d.high:+.1f}] " + ("within noise" if verdict(d) == "within noise" else
-                                                               "excludes 0")
+    return f"{d.value:+.1f} [{d.low:+.1f}, {d.high:+.1f}] " + ("within noise" if verdict(d) == "within noise" else "excludes 0")
 
 
-PM = ("± = half-width of the 95% interval over training seeds (Student t) and test images (bootstrap "
-      "standard error), tkpbench.stats; n = seeds")
+PM = (
+    "± = half-width of the 95% interval over training seeds (Student t) and test images (bootstrap "
+    "standard error), tkpbench.stats; n = seeds"
+)
 
 
 def _machine_notes(groups: list[Group]) -> list[str]:
@@ -193,9 +215,12 @@ def _machine_notes(groups: list[Group]) -> list[str]:
         return []
     notes = [f"machine: {k}" for k in keys]
     if len(keys) > 1:
-        notes.insert(0, "WARNING: the figures in this table come from different machines or package versions; "
-                        "results are bit-identical only on one kind of machine with one set of versions, so "
-                        "differences between rows may be partly the machines'")
+        notes.insert(
+            0,
+            "WARNING: the figures in this table come from different machines or package versions; "
+            "results are bit-identical only on one kind of machine with one set of versions, so "
+            "differences between rows may be partly the machines'",
+        )
     return notes
 
 
@@ -208,36 +233,60 @@ def build_tables(runs: list[dict]) -> list[tuple[str, list[str], list[list[str]]
 
     def pick(var: str, dataset: str, stage: str) -> Group | None:
         cands = [g for g in real if g.variant == var and g.dataset(stage) == dataset]
-        return max(cands, key=lambda g: (len(g.runs), max(r["stages"][stage].get("date", "") for r in g.runs
-                                                          if stage in r["stages"]))) if cands else None
+        return (
+            max(
+                cands,
+                key=lambda g: (len(g.runs), max(r["stages"][stage].get("date", "") for r in g.runs if stage in r["stages"])),
+            )
+            if cands
+            else None
+        )
 
     def method_table(title, published, dataset, stage, crf_cols):
-        header = ["method", "pub.", "backbone", "published", "measured"] + (["measured +CRF"] if crf_cols else []) \
+        header = (
+            ["method", "pub.", "backbone", "published", "measured"]
+            + (["measured +CRF"] if crf_cols else [])
             + ["paper inside 95% CI?"]
+        )
         rows, notes, used = [], [PM], []
         for name, pub, bb, val in published:
             var = METHOD_VARIANT.get(name)
             g = pick(var, dataset, stage) if var else None
             if g is None:
-                rows.append([name, pub, bb, _fmt(val), "published" if not var else "not run"] + ([""] if crf_cols else [])
-                            + [""])
+                rows.append([name, pub, bb, _fmt(val), "published" if not var else "not run"] + ([""] if crf_cols else []) + [""])
                 continue
             used.append(g)
             e = g.estimate(stage)
             ec = g.estimate(stage, crf=True) if crf_cols else None
-            rows.append([name, pub, bb, _fmt(val), cell(e)] + ([cell(ec)] if crf_cols else [])
-                        + [_inside(ec if crf_cols else e, val)])
+            rows.append(
+                [name, pub, bb, _fmt(val), cell(e)] + ([cell(ec)] if crf_cols else []) + [_inside(ec if crf_cols else e, val)]
+            )
             notes += [f"{name}: {_prov(st, g.name)}" for st in g.records(stage)]
         return (title, header, rows, notes + _machine_notes(used))
 
-    tables.append(method_table("Table 1. Pseudo masks on VOC train (mIoU %); 'measured' is before the CRF, "
-                               "'measured +CRF' after (the paper's column)", TABLE1, "voc", "mask", True))
-    tables.append(method_table("Table 2. DeepLab-v2 on VOC 2012 val, trained on pseudo masks only (mIoU %)",
-                               TABLE2, "voc", "seg", False))
-    tables.append(method_table("Table 3. DeepLab-v2 on COCO 2014 val, trained on pseudo masks only (mIoU %)",
-                               TABLE3, "coco", "seg", False))
-    tables.append(ablation_table("Table 4. Ablation on VOC (mask = pseudo masks on train after CRF; seg = DeepLab "
-                                 "on val); Δ = row - Max-Pooling, paired over shared seeds and images", real))
+    tables.append(
+        method_table(
+            "Table 1. Pseudo masks on VOC train (mIoU %); 'measured' is before the CRF, "
+            "'measured +CRF' after (the paper's column)",
+            TABLE1,
+            "voc",
+            "mask",
+            True,
+        )
+    )
+    tables.append(
+        method_table("Table 2. DeepLab-v2 on VOC 2012 val, trained on pseudo masks only (mIoU %)", TABLE2, "voc", "seg", False)
+    )
+    tables.append(
+        method_table("Table 3. DeepLab-v2 on COCO 2014 val, trained on pseudo masks only (mIoU %)", TABLE3, "coco", "seg", False)
+    )
+    tables.append(
+        ablation_table(
+            "Table 4. Ablation on VOC (mask = pseudo masks on train after CRF; seg = DeepLab "
+            "on val); Δ = row - Max-Pooling, paired over shared seeds and images",
+            real,
+        )
+    )
     if demo:
         tables.append(demo_table(demo))
     return tables
@@ -254,19 +303,43 @@ def demo_table(groups: list[Group]):
         bg = np.mean([r["miou_all_background"] for r in mk if r.get("miou_all_background") is not None]) if mk else None
         dm = paired(g, base, "mask", True) if base is not None and g is not base else None
         ds = paired(g, base, "seg", False) if base is not None and g is not base else None
-        rows.append([g.name, VARIANT_LABEL.get(g.variant, g.variant), cell(g.estimate("mask")),
-                     cell(g.estimate("mask", crf=True)), _fmt(bg), cell(g.estimate("seg")), delta_cell(dm), delta_cell(ds)])
-        notes += [f"{r['run']} {st}: {_prov(r['stages'][st], r['run'])}" for r in g.runs for st in ("mask", "seg")
-                  if st in r["stages"]]
+        rows.append(
+            [
+                g.name,
+                VARIANT_LABEL.get(g.variant, g.variant),
+                cell(g.estimate("mask")),
+                cell(g.estimate("mask", crf=True)),
+                _fmt(bg),
+                cell(g.estimate("seg")),
+                delta_cell(dm),
+                delta_cell(ds),
+            ]
+        )
+        notes += [
+            f"{r['run']} {st}: {_prov(r['stages'][st], r['run'])}" for r in g.runs for st in ("mask", "seg") if st in r["stages"]
+        ]
     return ("Demo runs on generated data (NOT a reproduction of the paper)", header, rows, notes + _machine_notes(groups))
 
 
 def ablation_table(title: str, groups: list[Group], dataset: str | None = "voc"):
-    header = ["variant", "published mask", "measured mask (CRF)", "Δ mask vs max", "published seg", "measured seg",
-              "Δ seg vs max"]
+    header = [
+        "variant",
+        "published mask",
+        "measured mask (CRF)",
+        "Δ mask vs max",
+        "published seg",
+        "measured seg",
+        "Δ seg vs max",
+    ]
     rows, notes, used = [], [PM], []
-    cands = {var: [g for g in groups if g.variant == var and (dataset is None or g.dataset("mask") == dataset
-                                                               or g.dataset("seg") == dataset)] for var in TABLE4}
+    cands = {
+        var: [
+            g
+            for g in groups
+            if g.variant == var and (dataset is None or g.dataset("mask") == dataset or g.dataset("seg") == dataset)
+        ]
+        for var in TABLE4
+    }
     base = cands["max"][0] if cands["max"] else None
     for var, (pm, ps) in TABLE4.items():
         if not cands[var]:
@@ -275,14 +348,31 @@ def ablation_table(title: str, groups: list[Group], dataset: str | None = "voc")
         for g in cands[var]:
             used.append(g)
             other = base is not None and g is not base
-            rows.append([f"{VARIANT_LABEL[var]} [{g.name}]", _fmt(pm), cell(g.estimate("mask", crf=True)),
-                         delta_cell(paired(g, base, "mask", True)) if other else "",
-                         _fmt(ps), cell(g.estimate("seg")), delta_cell(paired(g, base, "seg", False)) if other else ""])
-            notes += [f"{r['run']} {st}: {_prov(r['stages'][st], r['run'])}" for r in g.runs for st in ("mask", "seg")
-                      if st in r["stages"]]
-    notes.append("published Δ (paper, Table 4 vs Max-Pooling): " + ", ".join(
-        f"{VARIANT_LABEL[v]} {TABLE4[v][0] - TABLE4['max'][0]:+.1f} / {TABLE4[v][1] - TABLE4['max'][1]:+.1f}"
-        for v in TABLE4 if v != "max"))
+            rows.append(
+                [
+                    f"{VARIANT_LABEL[var]} [{g.name}]",
+                    _fmt(pm),
+                    cell(g.estimate("mask", crf=True)),
+                    delta_cell(paired(g, base, "mask", True)) if other else "",
+                    _fmt(ps),
+                    cell(g.estimate("seg")),
+                    delta_cell(paired(g, base, "seg", False)) if other else "",
+                ]
+            )
+            notes += [
+                f"{r['run']} {st}: {_prov(r['stages'][st], r['run'])}"
+                for r in g.runs
+                for st in ("mask", "seg")
+                if st in r["stages"]
+            ]
+    notes.append(
+        "published Δ (paper, Table 4 vs Max-Pooling): "
+        + ", ".join(
+            f"{VARIANT_LABEL[v]} {TABLE4[v][0] - TABLE4['max'][0]:+.1f} / {TABLE4[v][1] - TABLE4['max'][1]:+.1f}"
+            for v in TABLE4
+            if v != "max"
+        )
+    )
     return (title, header, rows, notes + _machine_notes(used))
 
 
@@ -306,9 +396,13 @@ def per_class_tables(runs: list[dict]) -> list[tuple[str, list[str], list[list[s
 
 
 def to_markdown(tables) -> str:
-    out = ["# TKP-PCL: published vs measured", "",
-           "Generated by `python -m tkpbench.report`. Published figures are the paper's (SPEC Sec. 5); "
-           "measured ones come from `results/<run>/summary.json`, with provenance under each table.", ""]
+    out = [
+        "# TKP-PCL: published vs measured",
+        "",
+        "Generated by `python -m tkpbench.report`. Published figures are the paper's (SPEC Sec. 5); "
+        "measured ones come from `results/<run>/summary.json`, with provenance under each table.",
+        "",
+    ]
     for title, header, rows, notes in tables:
         out += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -344,13 +438,11 @@ def print_tables(tables, console: Console | None = None) -> None:
         if con.width < len(header) * (min(longest_word, 14) + 3):  # too narrow for a grid: one block per row
             con.print(f"[bold]{title}[/bold]", overflow="fold")
             for r in rows:
-                con.print("  " + "\n    ".join(f"{h}: {v}" for h, v in zip(header, r) if v), overflow="fold",
-                          highlight=False)
+                con.print("  " + "\n    ".join(f"{h}: {v}" for h, v in zip(header, r) if v), overflow="fold", highlight=False)
             continue
         t = Table(title=title, title_justify="left", expand=False)
         for h in header:
-            t.add_column(h, justify="left" if h in ("method", "variant", "pub.", "backbone", "run") else "right",
-                         overflow="fold")
+            t.add_column(h, justify="left" if h in ("method", "variant", "pub.", "backbone", "run") else "right", overflow="fold")
         for r in rows:
             t.add_row(*r)
         con.print(t)
@@ -358,10 +450,16 @@ def print_tables(tables, console: Console | None = None) -> None:
 
 def fig4_sweep(runs: list[dict], out: Path) -> Path | None:
     """Fig. 4: pseudo-mask mIoU (after CRF) against k and against eps, from the sweep_* runs."""
-    ks = sorted((s["config"]["model"]["k"], s["stages"]["mask"]["miou_crf"]) for s in runs
-                if s["run"].startswith("sweep_k") and "mask" in s["stages"])
-    es = sorted((s["config"]["model"]["eps"], s["stages"]["mask"]["miou_crf"]) for s in runs
-                if s["run"].startswith("sweep_eps") and "mask" in s["stages"])
+    ks = sorted(
+        (s["config"]["model"]["k"], s["stages"]["mask"]["miou_crf"])
+        for s in runs
+        if s["run"].startswith("sweep_k") and "mask" in s["stages"]
+    )
+    es = sorted(
+        (s["config"]["model"]["eps"], s["stages"]["mask"]["miou_crf"])
+        for s in runs
+        if s["run"].startswith("sweep_eps") and "mask" in s["stages"]
+    )
     if not ks and not es:
         return None
     plt = _pyplot()
@@ -393,8 +491,15 @@ def fig_seeds(groups: list[Group], out: Path) -> Path | None:
             ax.plot([x] * len(vals), vals, "o", color="tab:blue", alpha=0.6, label="one seed" if x == 0 else None)
             e = g.estimate(stage, crf)
             if e is not None and np.isfinite(e.low):
-                ax.errorbar([x + 0.15], [e.value], yerr=[[e.value - e.low], [e.high - e.value]], fmt="s",
-                            color="black", capsize=4, label="mean, 95% CI" if x == 0 else None)
+                ax.errorbar(
+                    [x + 0.15],
+                    [e.value],
+                    yerr=[[e.value - e.low], [e.high - e.value]],
+                    fmt="s",
+                    color="black",
+                    capsize=4,
+                    label="mean, 95% CI" if x == 0 else None,
+                )
         ax.set_xticks(range(len(shown)), [f"{g.name}\n{'(demo)' if g.synthetic else ''}" for g in shown], fontsize=8)
         ax.set_ylabel("mIoU %")
         ax.set_title(label, fontsize=10)
@@ -427,8 +532,9 @@ def _save(fig, out: Path) -> Path:
 def fig_curves(run_dir: Path, out: Path) -> Path | None:
     """Training curves of one run from its ``log.jsonl``: each loss term, the learning rate and the
     validation metrics per epoch (TKP-PCL and, when present, its DeepLab)."""
-    logs = [(name, p) for name, p in (("TKP-PCL", run_dir / "log.jsonl"), ("DeepLab", run_dir / "seg" / "log.jsonl"))
-            if p.is_file()]
+    logs = [
+        (name, p) for name, p in (("TKP-PCL", run_dir / "log.jsonl"), ("DeepLab", run_dir / "seg" / "log.jsonl")) if p.is_file()
+    ]
     if not logs:
         return None
     plt = _pyplot()
@@ -481,8 +587,16 @@ def fig_per_class(runs: list[dict], out: Path) -> Path | None:
     return _save(fig, out)
 
 
-def fig5_grid(images, gts, preds_a, preds_b, out: Path, titles=("image", "ground truth", "ViT-PCM max", "TKP-PCL"),
-              ids: list[str] | None = None, class_names: list[str] | None = None) -> Path:
+def fig5_grid(
+    images,
+    gts,
+    preds_a,
+    preds_b,
+    out: Path,
+    titles=("image", "ground truth", "ViT-PCM max", "TKP-PCL"),
+    ids: list[str] | None = None,
+    class_names: list[str] | None = None,
+) -> Path:
     """Fig. 5 style grid: a header row of column titles, then one row per image (its id in the
     image cell), columns image | GT | baseline | TKP-PCL (palette colours), then a legend of the
     classes that appear."""
@@ -496,7 +610,7 @@ def fig5_grid(images, gts, preds_a, preds_b, out: Path, titles=("image", "ground
         small = np.asarray(Image.fromarray(arr).resize((nw, nh), resample))
         canvas = np.full((ch, cw, 3), 255, np.uint8)
         y0, x0 = (ch - nh) // 2, (cw - nw) // 2
-        canvas[y0:y0 + nh, x0:x0 + nw] = small
+        canvas[y0 : y0 + nh, x0 : x0 + nw] = small
         if label:
             im = Image.fromarray(canvas)
             d = ImageDraw.Draw(im)
@@ -506,8 +620,10 @@ def fig5_grid(images, gts, preds_a, preds_b, out: Path, titles=("image", "ground
         return canvas
 
     ids = ids or [""] * len(images)
-    rows = [np.concatenate([cell(img, Image.BILINEAR, i)] + [cell(pal[m], Image.NEAREST) for m in (gt, a, b)], axis=1)
-            for img, gt, a, b, i in zip(images, gts, preds_a, preds_b, ids)]
+    rows = [
+        np.concatenate([cell(img, Image.BILINEAR, i)] + [cell(pal[m], Image.NEAREST) for m in (gt, a, b)], axis=1)
+        for img, gt, a, b, i in zip(images, gts, preds_a, preds_b, ids)
+    ]
     header = Image.new("RGB", (4 * cw, 22), "white")
     d = ImageDraw.Draw(header)
     for n, t in enumerate(titles):
@@ -547,21 +663,29 @@ def fig5_from_runs(results: Path, runs_dir: Path, baseline: str, ours: str, n: i
     idx = [i for i in range(len(ds)) if (a_dir / f"{ds.ids[i]}.png").is_file() and (b_dir / f"{ds.ids[i]}.png").is_file()][:n]
     if not idx:
         return None
-    return fig5_grid([ds.image(i) for i in idx], [ds.mask(i) for i in idx],
-                     [read_mask(a_dir / f"{ds.ids[i]}.png", ds.num_classes) for i in idx],
-                     [read_mask(b_dir / f"{ds.ids[i]}.png", ds.num_classes) for i in idx],
-                     results / f"fig5_{ours}_vs_{baseline}.png",
-                     titles=("image (id)", "ground truth", f"{baseline} (max, CRF)", f"{ours} (top-K + PCE, CRF)"),
-                     ids=[ds.ids[i] for i in idx], class_names=list(ds.classes))
+    return fig5_grid(
+        [ds.image(i) for i in idx],
+        [ds.mask(i) for i in idx],
+        [read_mask(a_dir / f"{ds.ids[i]}.png", ds.num_classes) for i in idx],
+        [read_mask(b_dir / f"{ds.ids[i]}.png", ds.num_classes) for i in idx],
+        results / f"fig5_{ours}_vs_{baseline}.png",
+        titles=("image (id)", "ground truth", f"{baseline} (max, CRF)", f"{ours} (top-K + PCE, CRF)"),
+        ids=[ds.ids[i] for i in idx],
+        class_names=list(ds.classes),
+    )
 
 
 def _main(argv: list[str] | None = None) -> int:
     p = cli.parser("tkpbench report", __doc__)
     p.add_argument("results", nargs="?", type=Path, default=Path("results"))
     p.add_argument("--runs", type=Path, default=Path("runs"), help="run folders (for Fig. 5 and the training curves)")
-    p.add_argument("--format", choices=["table", "md", "json", "csv"], default="table",
-                   help="what to print: rich tables (default), or Markdown / JSON / CSV to paste elsewhere; "
-                        "RESULTS/TABLES.md is always written whole")
+    p.add_argument(
+        "--format",
+        choices=["table", "md", "json", "csv"],
+        default="table",
+        help="what to print: rich tables (default), or Markdown / JSON / CSV to paste elsewhere; "
+        "RESULTS/TABLES.md is always written whole",
+    )
     args = p.parse_args(argv)
     runs = load_results(args.results)
     tables = build_tables(runs)
@@ -594,8 +718,10 @@ def _main(argv: list[str] | None = None) -> int:
         md += "\n## Figures\n\n" + "\n".join(f"![{f.stem}]({f.relative_to(args.results)})" for f in figs) + "\n"
     args.results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.results / "TABLES.md", md)
-    print(f"wrote {args.results / 'TABLES.md'}" + "".join(f", {f}" for f in figs),
-          file=sys.stderr if args.format != "table" else sys.stdout)
+    print(
+        f"wrote {args.results / 'TABLES.md'}" + "".join(f", {f}" for f in figs),
+        file=sys.stderr if args.format != "table" else sys.stdout,
+    )
     return 0
 
 

@@ -41,14 +41,26 @@ CHECKPOINT_FORMAT = "tkpbench-checkpoint-v2"
 # Config keys each stage's outputs depend on. A DONE marker stores their values; a change redoes
 # that stage and every stage after it. Keys that only affect speed (workers, device) are left out.
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "pseudo": ("pseudo.infer_size", "pseudo.save_probs", "pseudo.align_corners", "data.tags", "data.dataset",
-               "data.root"),
-    "crf": ("crf.iters", "crf.gauss_sxy", "crf.gauss_compat", "crf.bi_sxy", "crf.bi_srgb", "crf.bi_compat",
-            "crf.backend"),
-    "seg": ("seg.backbone", "seg.output_stride", "seg.weights", "seg.crop", "seg.batch_size", "seg.lr", "seg.head_lr_mult",
-            "seg.momentum",
-            "seg.weight_decay", "seg.poly_power", "seg.iters", "seg.scale_range", "seg.use_crf_masks", "seg.freeze_bn",
-            "data.seg_train_split", "train.seed"),
+    "pseudo": ("pseudo.infer_size", "pseudo.save_probs", "pseudo.align_corners", "data.tags", "data.dataset", "data.root"),
+    "crf": ("crf.iters", "crf.gauss_sxy", "crf.gauss_compat", "crf.bi_sxy", "crf.bi_srgb", "crf.bi_compat", "crf.backend"),
+    "seg": (
+        "seg.backbone",
+        "seg.output_stride",
+        "seg.weights",
+        "seg.crop",
+        "seg.batch_size",
+        "seg.lr",
+        "seg.head_lr_mult",
+        "seg.momentum",
+        "seg.weight_decay",
+        "seg.poly_power",
+        "seg.iters",
+        "seg.scale_range",
+        "seg.use_crf_masks",
+        "seg.freeze_bn",
+        "data.seg_train_split",
+        "train.seed",
+    ),
     "seg_eval": ("seg.eval_scales", "seg.eval_flip", "seg.eval_crf"),
 }
 
@@ -90,6 +102,7 @@ class RunDir:
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A tkpbench checkpoint (dict), loaded without running code. Raises CheckpointError naming the
     file when it is missing, damaged, holds Python objects (a pickle payload) or is not tkpbench's."""
@@ -100,14 +113,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for payloads, RuntimeError/EOFError for truncated files
         unsafe = "weights_only" in str(e) or "Unsupported global" in str(e)
-        why = ("it holds Python objects that would have to run code to load (refused: checkpoints load with "
-               "weights_only=True)") if unsafe else f"it cannot be read ({e.__class__.__name__}: {str(e)[:200]})"
-        raise CheckpointError(f"{path} is not a usable tkpbench checkpoint: {why}. Fix: use a checkpoint written by "
-                              "tkpbench, or retrain the run") from e
+        why = (
+            ("it holds Python objects that would have to run code to load (refused: checkpoints load with weights_only=True)")
+            if unsafe
+            else f"it cannot be read ({e.__class__.__name__}: {str(e)[:200]})"
+        )
+        raise CheckpointError(
+            f"{path} is not a usable tkpbench checkpoint: {why}. Fix: use a checkpoint written by tkpbench, or retrain the run"
+        ) from e
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT or "model" not in ck:
         found = ck.get("format", "no 'format' key") if isinstance(ck, dict) else type(ck).__name__
-        raise CheckpointError(f"{path} is not a tkpbench checkpoint (expected format {CHECKPOINT_FORMAT!r}, found "
-                              f"{found!r}). Fix: point at a run folder trained by this version of tkpbench, or retrain")
+        raise CheckpointError(
+            f"{path} is not a tkpbench checkpoint (expected format {CHECKPOINT_FORMAT!r}, found "
+            f"{found!r}). Fix: point at a run folder trained by this version of tkpbench, or retrain"
+        )
     return ck
 
 
@@ -115,8 +134,11 @@ def load_final(run: str | Path | RunDir) -> dict[str, Any]:
     """``final.pt`` of a run folder (TKP-PCL's, or ``RunDir(run).seg`` for DeepLab's)."""
     run = run if isinstance(run, RunDir) else RunDir(run)
     if not run.final.is_file():
-        how = ("python -m tkpbench.segment train --run " + str(run.root.parent)) if run.root.name == "seg" \
+        how = (
+            ("python -m tkpbench.segment train --run " + str(run.root.parent))
+            if run.root.name == "seg"
             else "python -m tkpbench.train --config ..."
+        )
         raise CheckpointError(f"{run.final} does not exist; train it first ({how})")
     return load_checkpoint(run.final)
 
@@ -141,6 +163,7 @@ def run_config(run: str | Path | RunDir, config: Path | None = None, overrides: 
 
 # ---------------------------------------------------------------------------------------------- run lock
 
+
 class RunLock:
     """An exclusive ``flock`` on ``<run>/.lock`` for the life of a training. The kernel releases it
     when the process dies, so a killed run never leaves a stale lock; the file names the holder."""
@@ -157,8 +180,10 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
             os.close(fd)
-            raise RunLockedError(f"{self.path.parent} is in use by another training ({holder}); wait for it to finish "
-                                 "or stop it, or choose another run name") from None
+            raise RunLockedError(
+                f"{self.path.parent} is in use by another training ({holder}); wait for it to finish "
+                "or stop it, or choose another run name"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
         self.fd = fd
@@ -180,8 +205,9 @@ RUNTIME_KEYS = {"workers", "log_every", "ckpt_every", "keep_checkpoints", "eval_
 def training_view(cfg: dict[str, Any]) -> dict[str, Any]:
     """The part of a config a trained TKP-PCL model depends on (what a resume or reuse must match)."""
     keep = {k: cfg[k] for k in ("model", "data", "train", "synthetic") if k in cfg}
-    return {k: ({kk: vv for kk, vv in v.items() if kk not in RUNTIME_KEYS} if isinstance(v, dict) else v)
-            for k, v in keep.items()}
+    return {
+        k: ({kk: vv for kk, vv in v.items() if kk not in RUNTIME_KEYS} if isinstance(v, dict) else v) for k, v in keep.items()
+    }
 
 
 def _get(cfg: dict[str, Any], dotted: str) -> Any:
@@ -232,8 +258,9 @@ def claim_outputs(folder: Path, model: str, settings: dict[str, Any], subdirs: t
     have = read_marker(stamp)
     stale: list[str] = []
     if have is not None and have != want:
-        stale = ([f"model: {have.get('model_sha256')} -> {model}"] if have.get("model_sha256") != model else []) \
-            + settings_diff(have.get("settings", {}), settings)
+        stale = ([f"model: {have.get('model_sha256')} -> {model}"] if have.get("model_sha256") != model else []) + settings_diff(
+            have.get("settings", {}), settings
+        )
     elif have is None and any((folder / d).is_dir() and any((folder / d).iterdir()) for d in subdirs):
         stale = ["files of unknown origin (no stamp)"]
     if stale:
@@ -245,6 +272,7 @@ def claim_outputs(folder: Path, model: str, settings: dict[str, Any], subdirs: t
 
 
 # ---------------------------------------------------------------------------------------------- stage files
+
 
 def load_probs(path: Path, num_classes: int) -> np.ndarray:
     """float32 (C, H, W) merged probabilities at the image's size (absent classes are 0). The file
@@ -263,21 +291,29 @@ def load_probs(path: Path, num_classes: int) -> np.ndarray:
     if size is not None:
         if size.shape != (2,) or size.min() < 1:
             raise ValueError(f"{path}: malformed image size {size}")
-        grid = F.interpolate(torch.from_numpy(grid.astype(np.float32))[None], size=tuple(int(v) for v in size),
-                             mode="bilinear", align_corners=align)[0].numpy()
+        grid = F.interpolate(
+            torch.from_numpy(grid.astype(np.float32))[None],
+            size=tuple(int(v) for v in size),
+            mode="bilinear",
+            align_corners=align,
+        )[0].numpy()
     full = np.zeros((num_classes, *grid.shape[1:]), dtype=np.float32)
     full[classes] = grid.astype(np.float32)
     return full
 
 
-def save_probs(path: Path, grid: np.ndarray, classes: np.ndarray, size: tuple[int, int],
-               align_corners: bool = False) -> int:
+def save_probs(path: Path, grid: np.ndarray, classes: np.ndarray, size: tuple[int, int], align_corners: bool = False) -> int:
     """The merged probabilities of the ``classes`` present on the patch grid, (K, h, w) float32,
     and the image's (H, W), compressed, atomically. 15-25x smaller than the full-size maps and
     lossless: ``load_probs`` upsamples them exactly as the mask was made. Returns the bytes."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, grid=grid.astype(np.float32), classes=classes.astype(np.int16),
-                        size=np.asarray(size, dtype=np.int32), align_corners=np.bool_(align_corners))
+    np.savez_compressed(
+        buf,
+        grid=grid.astype(np.float32),
+        classes=classes.astype(np.int16),
+        size=np.asarray(size, dtype=np.int32),
+        align_corners=np.bool_(align_corners),
+    )
     atomic_write_bytes(path, buf.getvalue())
     return len(buf.getvalue())
 

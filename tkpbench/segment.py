@@ -60,8 +60,9 @@ class SegTask(Task):
         return build_dataset(self.cfg.data, self.cfg.data.seg_train_split)
 
     def build_model(self) -> nn.Module:
-        m = DeepLabV2(self.base.num_classes, self.cfg.seg.backbone, self.cfg.seg.weights or None,
-                      output_stride=self.cfg.seg.output_stride)
+        m = DeepLabV2(
+            self.base.num_classes, self.cfg.seg.backbone, self.cfg.seg.weights or None, output_stride=self.cfg.seg.output_stride
+        )
         if torch.cuda.is_available():
             m = m.to(memory_format=torch.channels_last)
         if self.cfg.seg.freeze_bn:
@@ -80,16 +81,24 @@ class SegTask(Task):
 
     def train_set(self):
         s = self.cfg.seg
-        return PseudoMaskSet(self.base, pseudo_mask_dir(self.run_dir, self.cfg),
-                             seg_train_transform(s.crop, s.scale_range, IMAGENET_MEAN, IMAGENET_STD))
+        return PseudoMaskSet(
+            self.base,
+            pseudo_mask_dir(self.run_dir, self.cfg),
+            seg_train_transform(s.crop, s.scale_range, IMAGENET_MEAN, IMAGENET_STD),
+        )
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         s = self.cfg.seg
         groups = unwrap(model).param_groups(s.lr, s.head_lr_mult)
         for g in groups:
             g["params"] = [p for p in g["params"] if p.requires_grad]
-        return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay,
-                               fused=fused_optimizer([p for g in groups for p in g["params"]]))
+        return torch.optim.SGD(
+            groups,
+            lr=s.lr,
+            momentum=s.momentum,
+            weight_decay=s.weight_decay,
+            fused=fused_optimizer([p for g in groups for p in g["params"]]),
+        )
 
     def total_steps(self, batches_per_epoch: int) -> int:
         return self.cfg.seg.iters
@@ -109,15 +118,19 @@ class SegTask(Task):
         return {"loss": ce}
 
     def resume_view(self, cfg: dict[str, Any]) -> dict[str, Any]:
-        seg = {k: v for k, v in cfg.get("seg", {}).items() if k not in ("workers", "log_every", "ckpt_every",
-                                                                         "eval_scales", "eval_flip", "eval_crf")}
+        seg = {
+            k: v
+            for k, v in cfg.get("seg", {}).items()
+            if k not in ("workers", "log_every", "ckpt_every", "eval_scales", "eval_flip", "eval_crf")
+        }
         data = {k: cfg.get("data", {}).get(k) for k in ("dataset", "root", "seg_train_split")}
         return {"seg": seg, "data": data}
 
 
 @torch.no_grad()
-def evaluate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = None, progress: bool = True,
-             results: Path = Path("results")) -> dict[str, float]:
+def evaluate(
+    run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = None, progress: bool = True, results: Path = Path("results")
+) -> dict[str, float]:
     """Full-resolution evaluation of ``<run>/seg/final.pt`` on ``split``; writes the "seg" record."""
     t0 = time.perf_counter()
     run = RunDir(run_dir)
@@ -127,13 +140,15 @@ def evaluate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
     model = DeepLabV2(base.num_classes, cfg.seg.backbone, output_stride=cfg.seg.output_stride)
     model.load_state_dict(ck["model"])
     model = model.to(dist.device).eval()
-    ds = Subset(EvalSet(base, eval_transform(None, IMAGENET_MEAN, IMAGENET_STD)),
-                D.shard_indices(len(base), dist.rank, dist.world))
+    ds = Subset(
+        EvalSet(base, eval_transform(None, IMAGENET_MEAN, IMAGENET_STD)), D.shard_indices(len(base), dist.rank, dist.world)
+    )
     loader = DataLoader(ds, batch_size=1, num_workers=min(cfg.seg.workers, 4))
     cm, cm_crf = ConfusionMatrix(base.num_classes), ConfusionMatrix(base.num_classes)
     mine: dict[int, tuple] = {}  # image index -> its (inter, union) counts, and with the CRF
-    for img, mask, _, idx in track(loader, total=len(loader), description=f"DeepLab eval {split}",
-                                   enabled=progress and dist.is_main):
+    for img, mask, _, idx in track(
+        loader, total=len(loader), description=f"DeepLab eval {split}", enabled=progress and dist.is_main
+    ):
         probs = predict_probs(model, img.to(dist.device), list(cfg.seg.eval_scales), cfg.seg.eval_flip, cfg.train.amp)
         iu = ConfusionMatrix.inter_union(cm.update(probs.argmax(0), mask[0].to(dist.device)))
         if cfg.seg.eval_crf:
@@ -146,24 +161,37 @@ def evaluate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
     out = {"miou": cm.miou()}
     if dist.is_main:
         names = ("inter", "union", "inter_crf", "union_crf")
-        arrays = {n: np.stack([per_image[i][k] for i in range(len(base))]) for k, n in enumerate(names)
-                  if k < len(per_image[0])}
+        arrays = {n: np.stack([per_image[i][k] for i in range(len(base))]) for k, n in enumerate(names) if k < len(per_image[0])}
         counts = Path(results) / run.name / "counts_seg.npz"
         save_counts(counts, base.ids, **arrays)
         rec = StageRecord(
-            stage="seg", dataset=cfg.data.dataset, split=split, miou=round(100 * cm.miou(), 3),
-            per_class=per_class_dict(base.classes, cm.iou()), num_images=len(base),
-            pixel_accuracy=round(100 * cm.pixel_accuracy(), 3), miou_all_background=round(100 * cm.all_background_miou(), 3),
+            stage="seg",
+            dataset=cfg.data.dataset,
+            split=split,
+            miou=round(100 * cm.miou(), 3),
+            per_class=per_class_dict(base.classes, cm.iou()),
+            num_images=len(base),
+            pixel_accuracy=round(100 * cm.pixel_accuracy(), 3),
+            miou_all_background=round(100 * cm.all_background_miou(), 3),
             miou_crf=round(100 * cm_crf.miou(), 3) if cfg.seg.eval_crf else None,
             per_class_crf=per_class_dict(base.classes, cm_crf.iou()) if cfg.seg.eval_crf else None,
-            protocol={"model": f"DeepLab-v2 {cfg.seg.backbone} OS{cfg.seg.output_stride} ASPP(6,12,18,24)",
-                      "init": cfg.seg.weights or "random",
-                      "train_masks": str(pseudo_mask_dir(run_dir, cfg)), "train_split": cfg.data.seg_train_split,
-                      "iters": cfg.seg.iters, "batch": cfg.seg.batch_size, "crop": cfg.seg.crop,
-                      "eval_scales": list(cfg.seg.eval_scales), "eval_flip": cfg.seg.eval_flip,
-                      "eval_crf": cfg.seg.eval_crf, "resolution": "full"},
-            synthetic=cfg.synthetic, model_sha256=model_digest(run.seg.final),
-            settings=chain_settings("seg_eval", cfg), counts_file=counts.name,
+            protocol={
+                "model": f"DeepLab-v2 {cfg.seg.backbone} OS{cfg.seg.output_stride} ASPP(6,12,18,24)",
+                "init": cfg.seg.weights or "random",
+                "train_masks": str(pseudo_mask_dir(run_dir, cfg)),
+                "train_split": cfg.data.seg_train_split,
+                "iters": cfg.seg.iters,
+                "batch": cfg.seg.batch_size,
+                "crop": cfg.seg.crop,
+                "eval_scales": list(cfg.seg.eval_scales),
+                "eval_flip": cfg.seg.eval_flip,
+                "eval_crf": cfg.seg.eval_crf,
+                "resolution": "full",
+            },
+            synthetic=cfg.synthetic,
+            model_sha256=model_digest(run.seg.final),
+            settings=chain_settings("seg_eval", cfg),
+            counts_file=counts.name,
         )
         write_stage(results, Path(run_dir).name, stamp(rec, time.perf_counter() - t0), cfg.to_dict())
     return out
@@ -180,9 +208,17 @@ def _main(argv: list[str] | None = None) -> int:
     dist = D.setup(args.device)
     try:
         if args.cmd == "train":
-            fit(SegTask(cfg, args.run), cfg.to_dict(), RunDir(args.run).seg.root, dist,
-                resume=None if args.resume == "no" else args.resume, force=args.force,
-                progress=not args.no_progress, config_text=dumps(cfg), tensorboard=args.tensorboard)
+            fit(
+                SegTask(cfg, args.run),
+                cfg.to_dict(),
+                RunDir(args.run).seg.root,
+                dist,
+                resume=None if args.resume == "no" else args.resume,
+                force=args.force,
+                progress=not args.no_progress,
+                config_text=dumps(cfg),
+                tensorboard=args.tensorboard,
+            )
         else:
             r = evaluate(args.run, args.split or cfg.data.val_split, dist, cfg, not args.no_progress, args.results)
             if dist.is_main:

@@ -40,8 +40,7 @@ def save_counts(path: Path, ids: list[str], **arrays: np.ndarray) -> int:
     """Write per-image count arrays (each (N, C) integers) and the image ids as a compressed .npz
     (no pickled objects); returns the bytes written."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, ids=np.asarray(ids, dtype=str),
-                        **{k: np.asarray(v, dtype=np.int64) for k, v in arrays.items()})
+    np.savez_compressed(buf, ids=np.asarray(ids, dtype=str), **{k: np.asarray(v, dtype=np.int64) for k, v in arrays.items()})
     atomic_write_bytes(path, buf.getvalue())
     return len(buf.getvalue())
 
@@ -95,8 +94,9 @@ def canonical_order(*arrays: np.ndarray) -> np.ndarray:
     return np.lexsort(key.T[::-1])
 
 
-def image_interval(inter: np.ndarray, union: np.ndarray, n_resamples: int = 2000, seed: int = 0,
-                   batch: int | None = None) -> Estimate:
+def image_interval(
+    inter: np.ndarray, union: np.ndarray, n_resamples: int = 2000, seed: int = 0, batch: int | None = None
+) -> Estimate:
     """mIoU of one run with a 95% percentile-bootstrap interval over its images. inter, union: (N, C)."""
     inter, union = np.asarray(inter), np.asarray(union)
     order = canonical_order(inter, union)
@@ -106,12 +106,25 @@ def image_interval(inter: np.ndarray, union: np.ndarray, n_resamples: int = 2000
         idx = np.asarray(idx, dtype=np.int64)
         return miou_from_counts(inter[idx], union[idx])
 
-    res = st.bootstrap((np.arange(len(inter)),), stat, n_resamples=n_resamples, vectorized=True,
-                       batch=_batch(batch, *inter.shape),
-                       method="percentile", confidence_level=CONFIDENCE, rng=_rng(seed))
+    res = st.bootstrap(
+        (np.arange(len(inter)),),
+        stat,
+        n_resamples=n_resamples,
+        vectorized=True,
+        batch=_batch(batch, *inter.shape),
+        method="percentile",
+        confidence_level=CONFIDENCE,
+        rng=_rng(seed),
+    )
     ci = res.confidence_interval
-    return Estimate(float(miou_from_counts(inter, union)), float(ci.low), float(ci.high), 1, len(inter),
-                    method="bootstrap over images (percentile)")
+    return Estimate(
+        float(miou_from_counts(inter, union)),
+        float(ci.low),
+        float(ci.high),
+        1,
+        len(inter),
+        method="bootstrap over images (percentile)",
+    )
 
 
 def seed_interval(values: list[float] | np.ndarray) -> Estimate:
@@ -140,8 +153,16 @@ def _per_seed_miou(inter: np.ndarray, union: np.ndarray, s_idx: np.ndarray, i_id
 
 def _image_resampled(stat_of, n_images: int, n_resamples: int, seed: int, batch: int):
     """scipy's bootstrap over image indices of ``stat_of(image_idx)`` (percentile interval, standard error)."""
-    return st.bootstrap((np.arange(n_images),), lambda i, axis=-1: stat_of(i), n_resamples=n_resamples,
-                        vectorized=True, batch=batch, method="percentile", confidence_level=CONFIDENCE, rng=_rng(seed))
+    return st.bootstrap(
+        (np.arange(n_images),),
+        lambda i, axis=-1: stat_of(i),
+        n_resamples=n_resamples,
+        vectorized=True,
+        batch=batch,
+        method="percentile",
+        confidence_level=CONFIDENCE,
+        rng=_rng(seed),
+    )
 
 
 def _combine(per_seed: np.ndarray, image_res, method: str, images: int) -> Estimate:
@@ -156,8 +177,9 @@ def _combine(per_seed: np.ndarray, image_res, method: str, images: int) -> Estim
     return Estimate(m, m - q * se, m + q * se, len(per_seed), images, sd=sd, method=method)
 
 
-def seed_and_image_interval(inter: np.ndarray, union: np.ndarray, n_resamples: int = 1000, seed: int = 0,
-                            batch: int | None = None) -> Estimate:
+def seed_and_image_interval(
+    inter: np.ndarray, union: np.ndarray, n_resamples: int = 1000, seed: int = 0, batch: int | None = None
+) -> Estimate:
     """Mean mIoU over seeds with a 95% interval that covers both the variation between training
     seeds and the finite test set. inter, union: (S seeds, N images, C), the same images for
     every seed. se^2 = sd_seeds^2 / S + se_images^2, where se_images is the bootstrap standard
@@ -168,14 +190,25 @@ def seed_and_image_interval(inter: np.ndarray, union: np.ndarray, n_resamples: i
     inter, union = inter[:, order], union[:, order]
     per_seed = miou_from_counts(inter, union)
     seeds = np.arange(len(inter))
-    res = _image_resampled(lambda i: _per_seed_miou(inter, union, np.broadcast_to(seeds, (*np.shape(i)[:-1], len(seeds))),
-                                                    i).mean(axis=-1),
-                           inter.shape[1], n_resamples, seed, _batch(batch, *inter.shape))
+    res = _image_resampled(
+        lambda i: _per_seed_miou(inter, union, np.broadcast_to(seeds, (*np.shape(i)[:-1], len(seeds))), i).mean(axis=-1),
+        inter.shape[1],
+        n_resamples,
+        seed,
+        _batch(batch, *inter.shape),
+    )
     return _combine(per_seed, res, "seeds (t) and images (bootstrap se)", inter.shape[1])
 
 
-def paired_difference(a_inter: np.ndarray, a_union: np.ndarray, b_inter: np.ndarray, b_union: np.ndarray,
-                      n_resamples: int = 1000, seed: int = 0, batch: int | None = None) -> Estimate:
+def paired_difference(
+    a_inter: np.ndarray,
+    a_union: np.ndarray,
+    b_inter: np.ndarray,
+    b_union: np.ndarray,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    batch: int | None = None,
+) -> Estimate:
     """Δ mIoU = A - B (points) for two variants run with the same seeds on the same images, with a
     paired 95% interval: the per-seed differences (t over seeds) and the bootstrap over images with
     the same image draws for both variants, so what they share cancels. Arrays: (S, N, C), seeds aligned."""

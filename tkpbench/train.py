@@ -67,11 +67,12 @@ class TKPTask(Task):
         m: TKPPCL = unwrap(model)
         n = len(m.encoder.vit.blocks)
         k = min(self.cfg.train.unfreeze_blocks, n)
-        enc = [p for b in list(m.encoder.vit.blocks)[n - k:] for p in b.parameters()] + list(m.encoder.vit.norm.parameters())
+        enc = [p for b in list(m.encoder.vit.blocks)[n - k :] for p in b.parameters()] + list(m.encoder.vit.norm.parameters())
         # one Adam over everything that ever trains; frozen parameters get no gradient and are skipped
         params = m.trainable_head_parameters() + enc
-        return torch.optim.Adam(params, lr=self.cfg.train.lr_warmup, weight_decay=self.cfg.train.weight_decay,
-                                fused=fused_optimizer(params))
+        return torch.optim.Adam(
+            params, lr=self.cfg.train.lr_warmup, weight_decay=self.cfg.train.weight_decay, fused=fused_optimizer(params)
+        )
 
     def total_steps(self, batches_per_epoch: int) -> int:
         total = self.cfg.train.epochs * batches_per_epoch
@@ -121,8 +122,10 @@ def evaluate_patch_predictions(model: TKPPCL, cfg: Config, dist: D.DistInfo, bas
     was_training = model.training
     model.eval()
     size = cfg.model.img_size
-    ds = Subset(EvalSet(base, eval_transform(size, model.encoder.mean, model.encoder.std)),
-                D.shard_indices(len(base), dist.rank, dist.world))
+    ds = Subset(
+        EvalSet(base, eval_transform(size, model.encoder.mean, model.encoder.std)),
+        D.shard_indices(len(base), dist.rank, dist.world),
+    )
     loader = DataLoader(ds, batch_size=8, num_workers=min(cfg.data.workers, 4))
     cm = ConfusionMatrix(base.num_classes)
     counts = torch.zeros(3, dtype=torch.float64, device=dist.device)  # tp, fp, fn
@@ -152,9 +155,17 @@ def _main(argv: list[str] | None = None) -> int:
         cfg.name = args.name
     dist = D.setup(args.device)
     try:
-        fit(TKPTask(cfg), cfg.to_dict(), Path(args.runs) / cfg.name, dist,
-            resume=None if args.resume == "no" else args.resume, force=args.force, progress=not args.no_progress,
-            config_text=dumps(cfg), tensorboard=args.tensorboard)
+        fit(
+            TKPTask(cfg),
+            cfg.to_dict(),
+            Path(args.runs) / cfg.name,
+            dist,
+            resume=None if args.resume == "no" else args.resume,
+            force=args.force,
+            progress=not args.no_progress,
+            config_text=dumps(cfg),
+            tensorboard=args.tensorboard,
+        )
     finally:
         D.cleanup()
     return 0

@@ -7,6 +7,13 @@ from tkpbench.data.transforms import build_dataset
 from tkpbench.data.voc import VOCSegmentation
 
 __all__ = [
-    "COCOSegmentation", "VOCSegmentation", "DatasetError", "IGNORE", "VOC_CLASSES",
-    "read_image", "read_mask", "save_mask", "build_dataset",
+    "COCOSegmentation",
+    "VOCSegmentation",
+    "DatasetError",
+    "IGNORE",
+    "VOC_CLASSES",
+    "read_image",
+    "read_mask",
+    "save_mask",
+    "build_dataset",
 ]

@@ -1,10 +1,10 @@
 """Data commands.
 
-    python -m tkpbench.data download {voc,sbd,coco,weights} --root DIR [--base-url URL]
-    python -m tkpbench.data check {voc,coco} --root DIR [--splits train val train_aug]
-    python -m tkpbench.data prepare-aug --root VOC2012_DIR --sbd SBD_DATASET_DIR
-    python -m tkpbench.data coco-masks --root COCO_DIR --split train2014
-    python -m tkpbench.data synth --root DIR --n N --seed S
+python -m tkpbench.data download {voc,sbd,coco,weights} --root DIR [--base-url URL]
+python -m tkpbench.data check {voc,coco} --root DIR [--splits train val train_aug]
+python -m tkpbench.data prepare-aug --root VOC2012_DIR --sbd SBD_DATASET_DIR
+python -m tkpbench.data coco-masks --root COCO_DIR --split train2014
+python -m tkpbench.data synth --root DIR --n N --seed S
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from tkpbench.data.voc import prepare_train_aug
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tkpbench data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="tkpbench data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("download", help="fetch archives (resumable, checksummed) and extract them")
     d.add_argument("what", choices=["voc", "sbd", "coco", "weights"])
@@ -50,10 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--size", type=int, nargs=2, default=[120, 160], metavar=("H", "W"))
     args = p.parse_args(argv)
 
-
     try:
         if args.cmd == "download":
-
             for path in download(args.what, args.root, args.base_url):
                 print(f"ok: {path}")
         elif args.cmd == "check":
@@ -62,15 +59,13 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(lines))
             return 0 if ok else 1
         elif args.cmd == "prepare-aug":
-
             print(prepare_train_aug(args.root, args.sbd, args.workers, progress=True))
         elif args.cmd == "coco-masks":
-
-            ds = COCOSegmentation(args.root, args.split, mask_dir=Path(args.root) / "semantic" / args.split,
-                                  skip_unannotated=False)
+            ds = COCOSegmentation(
+                args.root, args.split, mask_dir=Path(args.root) / "semantic" / args.split, skip_unannotated=False
+            )
             print(f"built {build_masks(ds, args.workers)} masks into {ds.mask_dir}")
         elif args.cmd == "synth":
-
             print(make_synthetic(args.root, args.n, args.seed, tuple(args.size), args.classes))
     except (DatasetError, DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)

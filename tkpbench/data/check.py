@@ -18,8 +18,10 @@ def _decode_one(ds, i: int) -> str | None:
         if ds.mask_path(i).is_file() or not isinstance(ds, COCOSegmentation):
             mask = ds.mask(i)  # read_mask rejects colour masks and values >= num_classes other than 255
             if mask.shape != img.shape[:2]:
-                return (f"mask {ds.mask_path(i)} is {mask.shape[1]}x{mask.shape[0]} but its image {ds.image_path(i)} is "
-                        f"{img.shape[1]}x{img.shape[0]}; a mask must have its image's size")
+                return (
+                    f"mask {ds.mask_path(i)} is {mask.shape[1]}x{mask.shape[0]} but its image {ds.image_path(i)} is "
+                    f"{img.shape[1]}x{img.shape[0]}; a mask must have its image's size"
+                )
     except DatasetError as e:
         return str(e)
     return None

@@ -122,8 +122,10 @@ class COCOSegmentation:
         return len(self.image_ids)
 
     def __repr__(self) -> str:
-        return (f"COCOSegmentation(split={self.split!r}, n={len(self)}, unannotated_left_out="
-                f"{self.num_unannotated if len(self) < len(self.coco.imgs) else 0}, root={str(self.root)!r})")
+        return (
+            f"COCOSegmentation(split={self.split!r}, n={len(self)}, unannotated_left_out="
+            f"{self.num_unannotated if len(self) < len(self.coco.imgs) else 0}, root={str(self.root)!r})"
+        )
 
     def image_path(self, i: int) -> Path:
         return self.image_dir / self.coco.imgs[self.image_ids[i]]["file_name"]

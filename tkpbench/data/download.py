@@ -30,23 +30,41 @@ class Resource:
 
 
 RESOURCES: dict[str, list[Resource]] = {
-    "voc": [Resource("http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
-                     "VOCtrainval_11-May-2012.tar", "md5:6cd6e144f989b92b3379bac3b3de84fd")],
-    "sbd": [Resource("http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz",
-                     "benchmark.tgz", "md5:82b4d87ceb2ed10f6038a1cba92111cb")],
+    "voc": [
+        Resource(
+            "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
+            "VOCtrainval_11-May-2012.tar",
+            "md5:6cd6e144f989b92b3379bac3b3de84fd",
+        )
+    ],
+    "sbd": [
+        Resource(
+            "http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz",
+            "benchmark.tgz",
+            "md5:82b4d87ceb2ed10f6038a1cba92111cb",
+        )
+    ],
     "coco": [
         Resource("http://images.cocodataset.org/zips/train2014.zip", "train2014.zip", "md5:0da8c0bd3d6becc4dcb32757491aca88"),
         Resource("http://images.cocodataset.org/zips/val2014.zip", "val2014.zip", "md5:a3d79f5ed8d289b7a7554ce06a5782b3"),
-        Resource("http://images.cocodataset.org/annotations/annotations_trainval2014.zip",
-                 "annotations_trainval2014.zip", "md5:0a379cfc70b0e71301e0f377548639bd"),
+        Resource(
+            "http://images.cocodataset.org/annotations/annotations_trainval2014.zip",
+            "annotations_trainval2014.zip",
+            "md5:0a379cfc70b0e71301e0f377548639bd",
+        ),
     ],
     "weights": [
         # ViT-B/16 384, original in21k -> in1k (timm 'vit_base_patch16_384.orig_in21k_ft_in1k', used by ViT-PCM)
-        Resource("https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-vitjx/jx_vit_base_p16_384-83fb41ba.pth",
-                 "jx_vit_base_p16_384-83fb41ba.pth", "sha256-prefix:83fb41ba", None),
+        Resource(
+            "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-vitjx/jx_vit_base_p16_384-83fb41ba.pth",
+            "jx_vit_base_p16_384-83fb41ba.pth",
+            "sha256-prefix:83fb41ba",
+            None,
+        ),
         # torchvision ResNet-101 ImageNet (IMAGENET1K_V1) for the DeepLab-v2 backbone
-        Resource("https://download.pytorch.org/models/resnet101-63fe2227.pth", "resnet101-63fe2227.pth",
-                 "sha256-prefix:63fe2227", None),
+        Resource(
+            "https://download.pytorch.org/models/resnet101-63fe2227.pth", "resnet101-63fe2227.pth", "sha256-prefix:63fe2227", None
+        ),
     ],
 }
 
@@ -124,8 +142,9 @@ def safe_extract(archive: Path, root: Path) -> None:
             with tarfile.open(archive) as t:
                 for m in t.getmembers():
                     if not _inside(tmp.resolve(), m.name) or m.issym() or m.islnk() or m.isdev():
-                        raise DownloadError(f"{archive}: member {m.name!r} is a link or would be written outside "
-                                            f"{root}; refusing to extract")
+                        raise DownloadError(
+                            f"{archive}: member {m.name!r} is a link or would be written outside {root}; refusing to extract"
+                        )
                 t.extractall(tmp, filter="data")
         for item in tmp.iterdir():
             target = root / item.name

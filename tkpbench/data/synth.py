@@ -115,12 +115,15 @@ def _xml(image_id: str, h: int, w: int, instances) -> str:
             f"  <object><name>{VOC_CLASSES[c]}</name><difficult>0</difficult><bndbox><xmin>{xs.min() + 1}</xmin>"
             f"<ymin>{ys.min() + 1}</ymin><xmax>{xs.max() + 1}</xmax><ymax>{ys.max() + 1}</ymax></bndbox></object>"
         )
-    return (f"<annotation><filename>{image_id}.jpg</filename><size><width>{w}</width><height>{h}</height>"
-            f"<depth>3</depth></size>\n" + "\n".join(objs) + "\n</annotation>\n")
+    return (
+        f"<annotation><filename>{image_id}.jpg</filename><size><width>{w}</width><height>{h}</height>"
+        f"<depth>3</depth></size>\n" + "\n".join(objs) + "\n</annotation>\n"
+    )
 
 
-def make_synthetic(root: str | Path, n: int = 200, seed: int = 0, size: tuple[int, int] = (120, 160),
-                   num_classes: int = 20, val_every: int = 5) -> dict[str, int]:
+def make_synthetic(
+    root: str | Path, n: int = 200, seed: int = 0, size: tuple[int, int] = (120, 160), num_classes: int = 20, val_every: int = 5
+) -> dict[str, int]:
     """Write ``root/VOC2012`` (devkit layout) and ``root/coco`` (COCO 2014 layout). Returns split sizes.
 
     Image sizes vary by +-20 % around ``size`` (h, w). Every ``val_every``-th image is val;
@@ -134,9 +137,12 @@ def make_synthetic(root: str | Path, n: int = 200, seed: int = 0, size: tuple[in
     rng = np.random.default_rng(seed)
     ids, val, rest = [], [], []
     coco_split: dict[str, dict] = {
-        s: {"images": [], "annotations": [], "categories": [
-            {"id": 2 * c + 1, "name": VOC_CLASSES[c], "supercategory": "synthetic"} for c in range(1, 21)
-        ]} for s in ("train2014", "val2014")
+        s: {
+            "images": [],
+            "annotations": [],
+            "categories": [{"id": 2 * c + 1, "name": VOC_CLASSES[c], "supercategory": "synthetic"} for c in range(1, 21)],
+        }
+        for s in ("train2014", "val2014")
     }
 
     ann_id = 1
@@ -162,12 +168,17 @@ def make_synthetic(root: str | Path, n: int = 200, seed: int = 0, size: tuple[in
         for c, m in instances:
             rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
             ys, xs = np.nonzero(m)
-            coco_split[split]["annotations"].append({
-                "id": ann_id, "image_id": coco_id, "category_id": 2 * c + 1, "iscrowd": 0,
-                "segmentation": {"size": [h, w], "counts": rle["counts"].decode()},
-                "area": float(m.sum()), "bbox": [float(xs.min()), float(ys.min()),
-                                                 float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)],
-            })
+            coco_split[split]["annotations"].append(
+                {
+                    "id": ann_id,
+                    "image_id": coco_id,
+                    "category_id": 2 * c + 1,
+                    "iscrowd": 0,
+                    "segmentation": {"size": [h, w], "counts": rle["counts"].decode()},
+                    "area": float(m.sum()),
+                    "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)],
+                }
+            )
             ann_id += 1
     # one COCO training image without annotations: loaders must leave it out and count it
     empty_id = n + 1
@@ -181,6 +192,8 @@ def make_synthetic(root: str | Path, n: int = 200, seed: int = 0, size: tuple[in
     lists = {"train": train, "val": val, "trainval": sorted(train + val), "train_aug": rest}
     for name, lst in lists.items():
         atomic_write_text(voc / "ImageSets" / "Segmentation" / f"{name}.txt", "\n".join(lst) + "\n")
-    atomic_write_json(root / "SYNTHETIC.json", {"generator": "tkpbench.data.synth", "n": n, "seed": seed,
-                                                 "size": list(size), "num_classes": num_classes})
+    atomic_write_json(
+        root / "SYNTHETIC.json",
+        {"generator": "tkpbench.data.synth", "n": n, "seed": seed, "size": list(size), "num_classes": num_classes},
+    )
     return {k: len(v) for k, v in lists.items()}

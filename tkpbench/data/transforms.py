@@ -32,13 +32,15 @@ def tkp_train_transform(cfg: DataConfig, size: int, mean, std) -> v2.Compose:
     """SPEC Sec. 1 (ViT-PCM's recipe): random resized crop with p = rrc_p, resize to size x size,
     horizontal flip, colour jitter."""
     b, c, s, h = cfg.color_jitter
-    return v2.Compose([
-        v2.RandomApply([v2.RandomResizedCrop(size, scale=tuple(cfg.rrc_scale), antialias=True)], p=cfg.rrc_p),
-        v2.Resize((size, size), antialias=True),
-        v2.RandomHorizontalFlip(cfg.hflip),
-        v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h),
-        *_normalize(mean, std),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomApply([v2.RandomResizedCrop(size, scale=tuple(cfg.rrc_scale), antialias=True)], p=cfg.rrc_p),
+            v2.Resize((size, size), antialias=True),
+            v2.RandomHorizontalFlip(cfg.hflip),
+            v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h),
+            *_normalize(mean, std),
+        ]
+    )
 
 
 def eval_transform(size: int | None, mean, std) -> v2.Compose:
@@ -66,12 +68,14 @@ class RandomScale(v2.Transform):
 def seg_train_transform(crop: int, scale_range: Sequence[float], mean, std) -> v2.Compose:
     """DeepLab-v2 recipe: random scale, pad (image 0 after normalisation, mask 255), random crop, flip."""
     fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE, "others": 0}
-    return v2.Compose([
-        RandomScale(scale_range),
-        v2.RandomCrop(crop, pad_if_needed=True, fill=fill),
-        v2.RandomHorizontalFlip(0.5),
-        *_normalize(mean, std),
-    ])
+    return v2.Compose(
+        [
+            RandomScale(scale_range),
+            v2.RandomCrop(crop, pad_if_needed=True, fill=fill),
+            v2.RandomHorizontalFlip(0.5),
+            *_normalize(mean, std),
+        ]
+    )
 
 
 def _apply_seeded(transform: v2.Compose, key: Any, *inputs: Any) -> Any:
@@ -134,7 +138,6 @@ class PseudoMaskSet(Dataset):
         self.transform = transform
         missing = [i for i in base.ids if not (self.mask_dir / f"{i}.png").is_file()]
         if missing:
-
             raise DatasetError(
                 f"{len(missing)} pseudo masks of {len(base.ids)} are missing from {self.mask_dir} (first: {missing[0]}.png); "
                 "run the pseudo-mask and CRF stages first (python -m tkpbench.pseudo / python -m tkpbench.crf)"

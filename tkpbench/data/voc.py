@@ -103,8 +103,11 @@ class VOCSegmentation:
     def all_tags(self) -> np.ndarray:
         """bool (N, C) tags of every image, computed once per split and cached on disk."""
         if self._tags is None:
-            sources = ([self.mask_path(i) for i in range(len(self))] if self.tag_source == "mask"
-                       else [self.root / "Annotations" / f"{x}.xml" for x in self.ids])
+            sources = (
+                [self.mask_path(i) for i in range(len(self))]
+                if self.tag_source == "mask"
+                else [self.root / "Annotations" / f"{x}.xml" for x in self.ids]
+            )
             self._tags = cached_tags(f"voc_{self.split}_{self.tag_source}", self.ids, sources, self._tags_of)
         return self._tags
 
@@ -166,8 +169,10 @@ def prepare_train_aug(voc_root: Path, sbd_root: Path, workers: int = 0, progress
     """
     seg = voc_root / "ImageSets" / "Segmentation"
     ids = train_aug_ids(
-        read_id_list(seg / "train.txt"), read_id_list(seg / "val.txt"),
-        read_id_list(sbd_root / "train.txt"), read_id_list(sbd_root / "val.txt"),
+        read_id_list(seg / "train.txt"),
+        read_id_list(seg / "val.txt"),
+        read_id_list(sbd_root / "train.txt"),
+        read_id_list(sbd_root / "val.txt"),
     )
     out_dir = voc_root / "SegmentationClassAug"
     out_dir.mkdir(parents=True, exist_ok=True)
