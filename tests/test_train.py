@@ -131,22 +131,18 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_non_zero_with_how_to_resu
     assert not (tmp_path / "runs" / "tiny" / "final.pt").exists()
 
 
-@pytest.mark.slow
-def test_two_process_torchrun_run_keeps_ranks_identical(synth_root, tmp_path):
+def _two_processes(synth_root, tmp_path, *extra: str):
+    """tests/ddp_worker.py under torchrun with 2 processes; returns the result and its output folder."""
     out = tmp_path / "out"
     out.mkdir()
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(REPO / "tests" / "ddp_worker.py"),
-        str(synth_root / "VOC2012"),
-        str(tmp_path / "run"),
-        str(out),
-    ]
-    r = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    worker = [str(REPO / "tests" / "ddp_worker.py"), str(synth_root / "VOC2012"), str(tmp_path / "run"), str(out), *extra]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *worker]
+    return subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600), out
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_run_keeps_ranks_identical(synth_root, tmp_path):
+    r, out = _two_processes(synth_root, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     a, b = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     for k in a:
@@ -158,21 +154,7 @@ def test_two_process_torchrun_run_keeps_ranks_identical(synth_root, tmp_path):
 
 @pytest.mark.slow
 def test_a_nan_on_one_rank_stops_every_rank_at_that_step(synth_root, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(REPO / "tests" / "ddp_worker.py"),
-        str(synth_root / "VOC2012"),
-        str(tmp_path / "run"),
-        str(out),
-        "2",
-    ]
-    r = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    r, out = _two_processes(synth_root, tmp_path, "2")
     assert r.returncode != 0
     for rank in (0, 1):  # both ranks stop at the same step, none hangs waiting for the other
         err = (out / f"rank{rank}.err").read_text()

@@ -59,6 +59,16 @@ def fit_options() -> argparse.ArgumentParser:
     return p
 
 
+def fit_kwargs(args: argparse.Namespace) -> dict:
+    """The ``engine.fit`` options of a command built with ``fit_options`` and ``common_options``."""
+    return {
+        "resume": None if args.resume == "no" else args.resume,
+        "force": args.force,
+        "progress": not args.no_progress,
+        "tensorboard": args.tensorboard,
+    }
+
+
 def parser(prog: str, doc: str | None, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         prog=prog, description=doc, parents=[common_options(), *parents], formatter_class=argparse.RawDescriptionHelpFormatter

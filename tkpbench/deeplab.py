@@ -17,6 +17,10 @@ from torch import Tensor, nn
 from tkpbench import distributed as D
 from tkpbench.encoder import WeightsError, load_state_dict_file
 
+# the normalisation of torchvision's ImageNet ResNets, which DeepLab's input always gets
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 class ASPP(nn.Module):
     """Sum of parallel 3x3 atrous convolutions (DeepLab-v2's ASPP-L). (B, in, h, w) -> (B, C, h, w)."""

@@ -534,20 +534,11 @@ class Trainer:
         D.barrier()
 
 
-def fit(
-    task: Task,
-    cfg_dict: dict[str, Any],
-    run_dir: Path,
-    dist: D.DistInfo,
-    resume: str | None = "auto",
-    force: bool = False,
-    progress: bool = True,
-    config_text: str | None = None,
-    tensorboard: bool = False,
-) -> nn.Module:
-    """Train ``task`` to the end under ``run_dir`` (see ``Trainer``); returns the unwrapped model.
-    Raises ``TrainingInterrupted`` after saving when a signal stops it."""
-    return Trainer(task, cfg_dict, run_dir, dist, resume, force, progress, config_text, tensorboard).fit()
+def fit(task: Task, cfg_dict: dict[str, Any], run_dir: Path, dist: D.DistInfo, **options: Any) -> nn.Module:
+    """Train ``task`` to the end under ``run_dir``; ``options`` are ``Trainer``'s (resume, force,
+    progress, config_text, tensorboard). Returns the unwrapped model; raises ``TrainingInterrupted``
+    after saving when a signal stops it."""
+    return Trainer(task, cfg_dict, run_dir, dist, **options).fit()
 
 
 def fused_optimizer(params) -> bool | None:

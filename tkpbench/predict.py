@@ -29,14 +29,12 @@ from tkpbench import cli
 from tkpbench.config import Config, config_from_dict
 from tkpbench.crf import crf_labels
 from tkpbench.data.common import VOC_CLASSES, save_mask, voc_palette
-from tkpbench.deeplab import DeepLabV2, predict_probs
+from tkpbench.deeplab import IMAGENET_MEAN, IMAGENET_STD, DeepLabV2, predict_probs
 from tkpbench.errors import DatasetError, UserError
 from tkpbench.io import atomic_write_bytes
 from tkpbench.model import TKPPCL, patch_masks
 from tkpbench.runs import RunDir, load_final
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _PALETTE = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
 
 

@@ -19,6 +19,7 @@ refused, and so is a file that is not a tkpbench checkpoint.
 from __future__ import annotations
 
 import fcntl
+import functools
 import io
 import json
 import os
@@ -144,8 +145,17 @@ def load_final(run: str | Path | RunDir) -> dict[str, Any]:
 
 
 def model_digest(weights: Path) -> str:
-    """The ``model_sha256`` (16 hex) of a weights file: what records and markers name a model by."""
-    return file_digest(weights)[:16]
+    """The ``model_sha256`` (16 hex) of a weights file: what records and markers name a model by.
+    Hashed once per version of the file (path, size, mtime): the pipeline and its in-process stages
+    all ask for the same final.pt (about 0.4 s each for ViT-B). Files are replaced by an atomic
+    rename, so a new version always has a new mtime."""
+    st = Path(weights).stat()
+    return _digest(str(Path(weights).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    return file_digest(Path(path))[:16]
 
 
 def run_config(run: str | Path | RunDir, config: Path | None = None, overrides: list[str] | None = None) -> Config:

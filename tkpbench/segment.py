@@ -29,16 +29,13 @@ from tkpbench import distributed as D
 from tkpbench.config import Config, config_from_dict, dumps
 from tkpbench.crf import dense_crf
 from tkpbench.data.transforms import EvalSet, PseudoMaskSet, build_dataset, eval_transform, seg_train_transform
-from tkpbench.deeplab import DeepLabV2, predict_probs
+from tkpbench.deeplab import IMAGENET_MEAN, IMAGENET_STD, DeepLabV2, predict_probs
 from tkpbench.engine import Task, fit, fused_optimizer, unwrap
 from tkpbench.metrics import ConfusionMatrix
 from tkpbench.progress import track
 from tkpbench.records import StageRecord, per_class_dict, stamp, write_stage
 from tkpbench.runs import RunDir, chain_settings, load_final, model_digest, run_config
 from tkpbench.stats import save_counts
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def pseudo_mask_dir(run_dir: Path, cfg: Config) -> Path:
@@ -208,17 +205,8 @@ def _main(argv: list[str] | None = None) -> int:
     dist = D.setup(args.device)
     try:
         if args.cmd == "train":
-            fit(
-                SegTask(cfg, args.run),
-                cfg.to_dict(),
-                RunDir(args.run).seg.root,
-                dist,
-                resume=None if args.resume == "no" else args.resume,
-                force=args.force,
-                progress=not args.no_progress,
-                config_text=dumps(cfg),
-                tensorboard=args.tensorboard,
-            )
+            seg_dir = RunDir(args.run).seg.root
+            fit(SegTask(cfg, args.run), cfg.to_dict(), seg_dir, dist, config_text=dumps(cfg), **cli.fit_kwargs(args))
         else:
             r = evaluate(args.run, args.split or cfg.data.val_split, dist, cfg, not args.no_progress, args.results)
             if dist.is_main:

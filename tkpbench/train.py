@@ -155,17 +155,7 @@ def _main(argv: list[str] | None = None) -> int:
         cfg.name = args.name
     dist = D.setup(args.device)
     try:
-        fit(
-            TKPTask(cfg),
-            cfg.to_dict(),
-            Path(args.runs) / cfg.name,
-            dist,
-            resume=None if args.resume == "no" else args.resume,
-            force=args.force,
-            progress=not args.no_progress,
-            config_text=dumps(cfg),
-            tensorboard=args.tensorboard,
-        )
+        fit(TKPTask(cfg), cfg.to_dict(), Path(args.runs) / cfg.name, dist, config_text=dumps(cfg), **cli.fit_kwargs(args))
     finally:
         D.cleanup()
     return 0
