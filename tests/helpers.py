@@ -32,6 +32,7 @@ def tiny_config(voc_root: Path, name: str = "tiny", **extra: str) -> Config:
             "train.log_every=1",
             "train.ckpt_every=100",
             "train.eval_every=0",
+            "train.keep=last",
             "pseudo.infer_size=64",
             "pseudo.batch_size=4",
             "crf.workers=1",

@@ -81,8 +81,9 @@ def test_global_batch_that_does_not_divide_is_refused(synth_root, tmp_path):
 
 
 def test_accumulation_gives_the_same_step_as_one_big_batch(synth_root, tmp_path):
-    a = tiny_config(synth_root / "VOC2012", train__epochs="1", model__dropout="0.0")
-    b = tiny_config(synth_root / "VOC2012", train__epochs="1", model__dropout="0.0", train__micro_batch="2")
+    off = {"model__dropout": "0.0", "model__lstm_dropout": "0.0", "model__encoder_dropout": "0.0"}
+    a = tiny_config(synth_root / "VOC2012", train__epochs="1", **off)
+    b = tiny_config(synth_root / "VOC2012", train__epochs="1", train__micro_batch="2", **off)
     run_until_killed(TKPTask(a), a, tmp_path / "a", stop_after=1)
     run_until_killed(TKPTask(b), b, tmp_path / "b", stop_after=1)
     wa = load_latest(tmp_path / "a" / "checkpoints")["model"]["classifier.weight"]
@@ -209,7 +210,7 @@ def test_keep_best_without_an_evaluation_every_epoch_is_refused(synth_root):
 @pytest.mark.parametrize("reset", [False, True])
 def test_a_fresh_adam_at_the_unfreeze_when_asked(synth_root, tmp_path, reset):
     """train.reset_optimizer_at_unfreeze (ViT-PCM compiles a new optimiser there): Adam's step count
-    restarts at the first fine-tuning epoch; by default it carries on."""
+    restarts at the first fine-tuning epoch (the default); with false it carries on."""
     cfg = tiny_config(synth_root / "VOC2012", train__reset_optimizer_at_unfreeze=str(reset).lower())
     fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "r", CPU, progress=False)
     ck = load_latest(tmp_path / "r" / "checkpoints")

@@ -36,13 +36,22 @@ class ModelConfig:
     img_size: int = 384
     num_classes: int = 21
     hidden: int = 192  # per LSTM direction; output 4 * hidden
-    dropout: float = 0.2
+    dropout: float = 0.2  # before the HV-BiLSTM and before the classifier
+    # The paper is silent on the four below; tkpbench takes ViT-PCM's choices (its authors built on
+    # ViT-PCM's code); README, Faithfulness. 0 / "torch" give PyTorch's plain modules.
+    lstm_dropout: float = 0.2  # on each LSTM's inputs, one mask per sequence (Keras LSTM(dropout=))
+    encoder_dropout: float = 0.1  # ViT block dropout after attention and in the MLP (vit-keras 0.1)
+    init: str = "keras"  # "keras": Glorot / orthogonal LSTMs with forget bias 1, classifier N(0, 0.05); "torch"
     pooling: str = "topk"  # "topk" | "max" | "avg"
     k: int = 6
     pce: bool = True
     eps: float = 0.85
     alpha: float = 0.01
     clamp: float = 1e-5  # y is clamped to [clamp, 1 - clamp] inside the BCE
+    # ViT-PCM's two further loss terms (its voc12.yaml: LOSS_ET, LOSS_REG). The paper's Eq. 6 is
+    # MCE + alpha * PCE, so TKP-PCL leaves them off; baselines/vit_pcm.toml turns them on.
+    et: bool = False  # equivariance loss on a 2 x 2 mosaic of second views (tkpbench.equivariance)
+    reg: float = 0.0  # L2 penalty reg * sum(W^2) on the classifier (ViT-PCM: 0.01)
 
 
 @dataclass
@@ -56,11 +65,23 @@ class DataConfig:
     tags: str = "mask"  # VOC: "mask" (class set of the mask, like cls_labels.npy) or "xml"
     workers: int = 4
     cache_images: bool = False  # keep resized uint8 images in memory
-    # training augmentation (SPEC Sec. 1, ViT-PCM's recipe)
+    # training augmentation of the main view: ViT-PCM's dataloader.py (SPEC Sec. 1; data.transforms.TKPViews)
     hflip: float = 0.5
-    color_jitter: list = field(default_factory=lambda: [0.3, 0.3, 0.3, 0.1])
-    rrc_p: float = 0.3
+    vflip: float = 0.5
+    rot90: float = 0.5  # a transposition, as ViT-PCM's "rot90"
+    # torchvision ColorJitter (brightness, contrast, saturation, hue), each a number or a [lo, hi]
+    # range: ViT-PCM's color_transform (its brightness delta of 0.2 on 0-255 pixel values is a no-op)
+    color_jitter: list = field(default_factory=lambda: [0.0, [0.5, 2.0], [0.5, 1.5], 0.1])
+    grayscale: float = 0.1  # ViT-PCM's color_transform default (its yaml's PROB_COLOR_GRAY is never read)
+    rrc_p: float = 0.0  # random resized crop of the main view; ViT-PCM: none ("a crop could change the labels")
     rrc_scale: list = field(default_factory=lambda: [0.5, 1.0])
+    # with rrc_p > 0: "visible" = a crop only where every tagged class stays visible, "keep" = keep
+    # the whole image's tags even when the crop cut an object away (tkpbench before #15)
+    crop_tags: str = "visible"
+    # the equivariance view (model.et): a patch-aligned crop of et_crop px with p = et_crop_p, then
+    # half the training size (ViT-PCM: IMAGE.SIZE.CROP 128, SCALE 192, PROB_CROP 0.3 at 384)
+    et_crop: int = 128
+    et_crop_p: float = 0.3
 
 
 @dataclass
@@ -80,12 +101,13 @@ class TrainConfig:
     log_every: int = 20
     eval_every: int = 1  # epochs; 0 = never
     max_steps: int = 0  # 0 = run all epochs; >0 stops early (smoke runs)
-    # which weights become final.pt: "last" (the last epoch) or "best" (the epoch with the best val
-    # mIoU, as ViT-PCM's save_best_only; needs eval_every >= 1). The paper's "a maximum of 50 epochs"
-    # reads like "best"; the default stays "last" until that is confirmed (README, Faithfulness).
-    keep: str = "last"
-    # a fresh Adam when the encoder is unfrozen (ViT-PCM compiles a new optimiser there); default: keep its state
-    reset_optimizer_at_unfreeze: bool = False
+    # which weights become final.pt: "best" (the evaluated epoch with the best val mIoU, as ViT-PCM's
+    # save_best_only; the paper's "a maximum of 50 epochs" reads like it) or "last"
+    keep: str = "best"
+    # a fresh Adam when the encoder is unfrozen (ViT-PCM compiles a new optimiser there) or False to keep its state
+    reset_optimizer_at_unfreeze: bool = True
+    # early stopping: stop after this many evaluated epochs without a better val mIoU (ViT-PCM: 60); 0 = never
+    patience: int = 0
 
 
 @dataclass
@@ -93,9 +115,9 @@ class PseudoConfig:
     infer_size: int = 960
     batch_size: int = 4
     save_probs: bool = True
-    # bilinear upsampling of the patch predictions: False (tkpbench) or True (ViT-PCM's resize);
-    # also used by the per-epoch val mIoU
-    align_corners: bool = False
+    # bilinear upsampling of the patch predictions: True (ViT-PCM's tf resize) or False (PyTorch's
+    # default); also used by the per-epoch val mIoU
+    align_corners: bool = True
 
 
 @dataclass
@@ -244,6 +266,15 @@ def _numbers(n: int | None, lo: float):
     return check
 
 
+def _jitter(v: Any) -> str | None:
+    ok = len(v) == 4 and all(
+        (isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0)
+        or (isinstance(x, list) and len(x) == 2 and all(isinstance(y, (int, float)) for y in x) and 0 <= x[0] <= x[1])
+        for x in v
+    )
+    return None if ok else "four entries (brightness, contrast, saturation, hue), each a number >= 0 or a range [lo, hi]"
+
+
 POS, NONNEG, PROB = _num(0, lo_open=True), _num(0), _num(0, 1)
 AT_LEAST_1 = _num(1)
 # The allowed values of every key that has limits; checked whenever a config is loaded.
@@ -257,12 +288,22 @@ RULES: dict[str, Any] = {
     "model.eps": _num(0.5, 1, lo_open=True, hi_open=True),
     "model.alpha": NONNEG,
     "model.clamp": _num(0, 0.5, lo_open=True, hi_open=True),
+    "model.lstm_dropout": _num(0, 1, hi_open=True),
+    "model.encoder_dropout": _num(0, 1, hi_open=True),
+    "model.init": _choice("keras", "torch"),
+    "model.reg": NONNEG,
     "data.dataset": _choice("voc", "coco"),
     "data.tags": _choice("mask", "xml"),
     "data.workers": NONNEG,
     "data.hflip": PROB,
+    "data.vflip": PROB,
+    "data.rot90": PROB,
+    "data.grayscale": PROB,
     "data.rrc_p": PROB,
-    "data.color_jitter": _numbers(4, 0),
+    "data.crop_tags": _choice("visible", "keep"),
+    "data.et_crop": _num(16),
+    "data.et_crop_p": PROB,
+    "data.color_jitter": _jitter,
     "data.rrc_scale": _pair(0, 1),
     "train.epochs": AT_LEAST_1,
     "train.batch_size": AT_LEAST_1,
@@ -279,6 +320,7 @@ RULES: dict[str, Any] = {
     "train.eval_every": NONNEG,
     "train.max_steps": NONNEG,
     "train.keep": _choice("last", "best"),
+    "train.patience": NONNEG,
     "pseudo.infer_size": _num(16),
     "pseudo.batch_size": AT_LEAST_1,
     "crf.iters": AT_LEAST_1,
@@ -315,6 +357,12 @@ def validate(cfg: Config) -> Config:
         src = _sources(cfg).get("train.keep", "the config")
         raise ConfigError(
             f"{src}: train.keep = 'best' needs an evaluation every epoch; set train.eval_every = 1 (or keep = 'last')"
+        )
+    if d["model"]["et"] and (d["model"]["img_size"] % 32 or d["data"]["et_crop"] > d["model"]["img_size"]):
+        src = _sources(cfg).get("model.et", "the config")
+        raise ConfigError(
+            f"{src}: model.et needs model.img_size divisible by 32 (its mosaic tiles are img_size / 2 and whole "
+            f"patches) and data.et_crop <= img_size; got img_size {d['model']['img_size']}, et_crop {d['data']['et_crop']}"
         )
     for key, rule in RULES.items():
         sec, name = key.split(".")

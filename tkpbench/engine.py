@@ -55,6 +55,7 @@ class Task(abc.ABC):
     workers = 0
     keep = "last"  # which weights become final.pt: "last", or "best" by evaluate()[best_metric]
     best_metric = "miou"
+    patience = 0  # stop after this many epochs without a better evaluate()[best_metric]; 0 = never
 
     @abc.abstractmethod
     def build_model(self) -> nn.Module:
@@ -192,7 +193,9 @@ class Trainer:
         self.resume_from, self.force, self.show_progress, self.config_text = resume, force, progress, config_text
         self.main = dist.is_main
         self.state = RunState()
-        self.best: float | None = None  # the best evaluate()[best_metric] so far (train.keep = "best")
+        self.best: float | None = None  # the best evaluate()[best_metric] so far
+        self.best_epoch = 0  # the epoch it was reached at
+        self.stopped_early = False  # patience ran out (Keras's EarlyStopping)
         self.signals = _Signals()
         self.stop_signal: int | None = None  # set by train_step when any rank received SIGTERM/SIGINT
         self.prog = None
@@ -317,6 +320,9 @@ class Trainer:
             self.optimizer.load_state_dict(ck["optimizer"])
             self.state = RunState(ck["epoch"], ck["batch_in_epoch"], ck["step"])
             self.best = ck.get("best_metric")
+            self.best_epoch = int(ck.get("best_epoch", 0))
+            if ck.get("stopped_early"):
+                self.stopped_early, self.total = True, self.state.step
             if ck.get("world") == self.dist.world:
                 D.set_rng_state(ck["rng"][self.dist.rank])
             else:
@@ -438,15 +444,23 @@ class Trainer:
             self.log({"step": st.step, "epoch": st.epoch, **{f"val_{k}": v for k, v in metrics.items()}})
             self.say(f"epoch {st.epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
             self._keep_if_best(metrics)
+            self._stop_if_patience_ran_out()
         self.checkpoint()
 
+    def _stop_if_patience_ran_out(self) -> None:
+        """train.patience: end the run after that many epochs without a better evaluation."""
+        p, st = self.task.patience, self.state
+        if p and st.step < self.total and st.epoch - self.best_epoch >= p:
+            self.stopped_early, self.total = True, st.step
+            self.say(f"early stop after epoch {st.epoch}: no better val {self.task.best_metric} since epoch {self.best_epoch}")
+
     def _keep_if_best(self, metrics: dict[str, float]) -> None:
-        """train.keep = "best": the weights of the best evaluation so far go to best.pt (ties keep the earlier)."""
+        """Track the best evaluation (ties keep the earlier); with train.keep = "best" its weights go to best.pt."""
         value = metrics.get(self.task.best_metric)
-        if self.task.keep != "best" or value is None or (self.best is not None and value <= self.best):
+        if value is None or (self.best is not None and value <= self.best):
             return
-        self.best = value
-        if self.main:
+        self.best, self.best_epoch = value, self.state.epoch
+        if self.main and self.task.keep == "best":
             atomic_torch_save(
                 self.run.best,
                 {
@@ -506,6 +520,8 @@ class Trainer:
                 "world": self.dist.world,
                 "log_bytes": log_bytes,
                 "best_metric": self.best,
+                "best_epoch": self.best_epoch,
+                "stopped_early": self.stopped_early,
             },
             st.step,
             tag,

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from tkpbench.config import Config, ModelConfig, config_from_dict
 from tkpbench.encoder import PatchEncoder
-from tkpbench.hv_bilstm import HVBiLSTM
+from tkpbench.hv_bilstm import HVBiLSTM, keras_init_
 from tkpbench.pce import patch_contrastive_error
 from tkpbench.pooling import Pooling
 
@@ -34,11 +34,16 @@ class TKPPCL(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = PatchEncoder(cfg.encoder, cfg.weights or None, cfg.img_size, **cfg.encoder_kwargs)
-        self.hv_bilstm = HVBiLSTM(self.encoder.embed_dim, cfg.hidden, cfg.dropout)
+        kwargs = {"proj_drop_rate": cfg.encoder_dropout, **cfg.encoder_kwargs}
+        self.encoder = PatchEncoder(cfg.encoder, cfg.weights or None, cfg.img_size, **kwargs)
+        self.hv_bilstm = HVBiLSTM(self.encoder.embed_dim, cfg.hidden, cfg.dropout, cfg.lstm_dropout)
         self.dropout = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(self.hv_bilstm.out_dim, cfg.num_classes, bias=False)
         self.pooling = Pooling(cfg.pooling, cfg.k)
+        if cfg.init == "keras":
+            keras_init_(self.hv_bilstm.horizontal)
+            keras_init_(self.hv_bilstm.vertical)
+            nn.init.normal_(self.classifier.weight, 0.0, 0.05)  # ViT-PCM: RandomNormal(0, 0.05), no bias
 
     def forward(self, x: Tensor) -> TKPOutput:
         """x: (B, 3, H, W) normalised images, H and W multiples of the patch size."""
@@ -72,21 +77,36 @@ def image_targets(tags: Tensor) -> Tensor:
     return t
 
 
-def tkp_loss(out: TKPOutput, tags: Tensor, cfg: ModelConfig) -> dict[str, Tensor]:
-    """Eq. 6: {"mce", "pce", "loss"} with loss = MCE + alpha * PCE, computed in fp32.
+def tkp_loss(
+    out: TKPOutput, tags: Tensor, cfg: ModelConfig, et: Tensor | None = None, classifier_weight: Tensor | None = None
+) -> dict[str, Tensor]:
+    """Eq. 6 and ViT-PCM's extra terms, in fp32: {"loss", "mce", ["pce"], ["et"], ["reg"]}.
 
+    loss = MCE + alpha * PCE + ET + REG; a switched-off term is absent from the dict, not 0.
     MCE (Eq. 2) is the BCE averaged over classes and images; y is clamped away from 0 and 1.
-    PCE is 0 (and not computed) when ``cfg.pce`` is off.
+    PCE (``cfg.pce``) as Eq. 3-5. ET is the equivariance loss, computed by the caller
+    (``tkpbench.equivariance``), passed when ``cfg.et``. REG (``cfg.reg`` > 0) is Keras's
+    ``L2(reg)`` on the classifier kernel, ``reg * sum(W^2)``, as ViT-PCM's ``compute_reg_loss``.
     """
     t = image_targets(tags)
     with torch.autocast(device_type=out.y.device.type, enabled=False):
         y = out.y.float().clamp(cfg.clamp, 1.0 - cfg.clamp)
-        mce = F.binary_cross_entropy(y, t)
+        terms = {"mce": F.binary_cross_entropy(y, t)}
+        loss = terms["mce"]
         if cfg.pce:
-            pce = patch_contrastive_error(out.features.float(), out.z, cfg.eps)
-        else:
-            pce = torch.zeros((), device=y.device)
-        return {"loss": mce + cfg.alpha * pce, "mce": mce, "pce": pce}
+            terms["pce"] = patch_contrastive_error(out.features.float(), out.z, cfg.eps)
+            loss = loss + cfg.alpha * terms["pce"]
+        if cfg.et:
+            if et is None:
+                raise ValueError("model.et is on but no equivariance term was passed to tkp_loss")
+            terms["et"] = et.float()
+            loss = loss + terms["et"]
+        if cfg.reg:
+            if classifier_weight is None:
+                raise ValueError("model.reg > 0 needs the classifier weight")
+            terms["reg"] = cfg.reg * classifier_weight.float().pow(2).sum()
+            loss = loss + terms["reg"]
+        return {"loss": loss, **terms}
 
 
 def merge_with_tags(z: Tensor, tags: Tensor) -> Tensor:

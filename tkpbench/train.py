@@ -12,6 +12,7 @@ the merged patch predictions on val at the training size. Everything goes to ``r
 
 from __future__ import annotations
 
+import re
 import sys
 from functools import cached_property
 from pathlib import Path
@@ -27,8 +28,9 @@ from tkpbench.config import Config, dumps, load_config
 from tkpbench.data.transforms import EvalSet, TKPTrainSet, build_dataset, eval_transform, tkp_train_transform
 from tkpbench.encoder import encoder_mean_std
 from tkpbench.engine import Task, TrainingError, fit, fused_optimizer, unwrap
+from tkpbench.equivariance import equivariance_loss, mosaic, realign, tiles
 from tkpbench.metrics import ConfusionMatrix
-from tkpbench.model import TKPPCL, patch_masks, tkp_loss
+from tkpbench.model import TKPPCL, TKPOutput, merge_with_tags, patch_masks, tkp_loss
 from tkpbench.runs import training_view
 
 
@@ -41,7 +43,7 @@ class TKPTask(Task):
         self.global_batch, self.micro_batch, self.seed = t.batch_size, t.micro_batch, t.seed
         self.ckpt_every, self.log_every, self.keep_checkpoints, self.amp = t.ckpt_every, t.log_every, t.keep_checkpoints, t.amp
         self.workers = cfg.data.workers
-        self.keep = t.keep
+        self.keep, self.patience = t.keep, t.patience
         self._phase: str | None = None
 
     def build_model(self) -> nn.Module:
@@ -55,8 +57,14 @@ class TKPTask(Task):
                 f"(background included); set --set model.num_classes={base.num_classes}"
             )
         mean, std = encoder_mean_std(self.cfg.model.encoder)
-        tf = tkp_train_transform(self.cfg.data, self.cfg.model.img_size, mean, std)
+        tf = tkp_train_transform(self.cfg.data, self.cfg.model.img_size, mean, std, et=self.cfg.model.et, patch=self.patch)
         return TKPTrainSet(base, tf, cache_size=self.cfg.model.img_size if self.cfg.data.cache_images else 0)
+
+    @cached_property
+    def patch(self) -> int:
+        """The encoder's patch size (16 for every ViT the paper and ViT-PCM use)."""
+        found = re.search(r"patch(\d+)", self.cfg.model.encoder)
+        return int(found.group(1)) if found else 16
 
     @cached_property
     def val_set(self):
@@ -99,9 +107,30 @@ class TKPTask(Task):
         return True
 
     def loss(self, model: nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
-        images, tags = batch
-        out = model(images.to(device, non_blocking=True))
-        return tkp_loss(out, tags.to(device, non_blocking=True), self.cfg.model)
+        images, tags = (x.to(device, non_blocking=True) for x in batch[:2])
+        m: TKPPCL = unwrap(model)
+        weight = m.classifier.weight if self.cfg.model.reg else None
+        if not self.cfg.model.et:
+            return tkp_loss(model(images), tags, self.cfg.model, classifier_weight=weight)
+        et_images, geom, et_geom = (x.to(device, non_blocking=True) for x in batch[2:])
+        b = images.shape[0]
+        if b % 4:
+            raise TrainingError(
+                f"model.et tiles 4 images into each mosaic, but this process's micro-batch has {b}; "
+                "make train.batch_size / processes (and train.micro_batch) a multiple of 4"
+            )
+        # the target: the main view in eval mode, without gradient (ViT-PCM: training=False, outside its tape)
+        with torch.no_grad():
+            m.eval()
+            ref = m(images)
+            self.train_mode(model)
+        g = ref.grid[0] // 2
+        target = merge_with_tags(realign(ref.z.transpose(1, 2).reshape(b, -1, *ref.grid), geom, et_geom, self.patch, g), tags)
+        # one forward over the main views and the mosaics (both img_size): one DDP call per step
+        out = model(torch.cat([images, mosaic(et_images)]))
+        main = TKPOutput(z=out.z[:b], y=out.y[:b], features=out.features[:b], grid=out.grid)
+        pred = tiles(out.z[b:].transpose(1, 2).reshape(b // 4, -1, *out.grid))
+        return tkp_loss(main, tags, self.cfg.model, et=equivariance_loss(pred, target), classifier_weight=weight)
 
     def eval_due(self, epoch_done: int) -> bool:
         e = self.cfg.train.eval_every

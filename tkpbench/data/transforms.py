@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -22,25 +23,99 @@ from tkpbench.config import DataConfig
 from tkpbench.data.coco import COCOSegmentation
 from tkpbench.data.common import IGNORE, DatasetError, read_mask
 from tkpbench.data.voc import VOCSegmentation
+from tkpbench.equivariance import dihedral
 
 
 def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[Any]:
     return [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True), v2.Normalize(mean, std)]
 
 
-def tkp_train_transform(cfg: DataConfig, size: int, mean, std) -> v2.Compose:
-    """SPEC Sec. 1 (ViT-PCM's recipe): random resized crop with p = rrc_p, resize to size x size,
-    horizontal flip, colour jitter."""
-    b, c, s, h = cfg.color_jitter
-    return v2.Compose(
-        [
-            v2.RandomApply([v2.RandomResizedCrop(size, scale=tuple(cfg.rrc_scale), antialias=True)], p=cfg.rrc_p),
-            v2.Resize((size, size), antialias=True),
-            v2.RandomHorizontalFlip(cfg.hflip),
-            v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h),
-            *_normalize(mean, std),
-        ]
-    )
+def _jitter_arg(v: Any) -> Any:
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+class TKPViews:
+    """The training views of one image (SPEC Sec. 1, ViT-PCM's ``dataloader.py``).
+
+    Main view (the one MCE, PCE and REG see): with p = ``rrc_p`` a random resized crop (policy
+    ``crop_tags``), resize to size x size, colour jitter and grayscale, then left-right flip,
+    up-down flip and transposition (ViT-PCM's "rot90"; with both flips random it yields the same 8
+    orientations as a 90-degree rotation) with p = ``hflip``, ``vflip``, ``rot90``.
+
+    With ``et`` also the equivariance view (``tkpbench.equivariance``): from the resized image, its
+    own colour jitter, with p = ``et_crop_p`` a crop of ``et_crop`` px starting on the patch grid,
+    resize to size / 2, its own flips and transposition. Returns ``(image,)`` or ``(image, et_image,
+    geometry, et_geometry)``, geometries as in ``tkpbench.equivariance``.
+
+    ``crop_tags``: "keep" (a crop keeps the whole image's tags, even for an object it cut away) or
+    "visible" (a crop is used only if every foreground class of the image's mask still shows in it,
+    up to 10 draws, else no crop: the mask only rejects crops, it never makes a label).
+    """
+
+    def __init__(self, cfg: DataConfig, size: int, mean, std, et: bool = False, patch: int = 16) -> None:
+        self.cfg, self.size, self.et, self.patch = cfg, size, et, patch
+        b, c, s, h = (_jitter_arg(v) for v in cfg.color_jitter)
+        self.jitter = v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)
+        self.normalize = v2.Compose(_normalize(mean, std))
+        self.rrc = v2.RandomResizedCrop(size, scale=tuple(cfg.rrc_scale), antialias=True)
+
+    @property
+    def needs_mask(self) -> bool:
+        return self.cfg.rrc_p > 0 and self.cfg.crop_tags == "visible"
+
+    def _colour(self, img: Tensor) -> Tensor:
+        img = self.jitter(img)
+        if self.cfg.grayscale and float(torch.rand(())) < self.cfg.grayscale:
+            img = TF.rgb_to_grayscale(img, num_output_channels=3)
+        return img
+
+    def _flags(self) -> Tensor:
+        p = torch.tensor([self.cfg.hflip, self.cfg.vflip, self.cfg.rot90])
+        return (torch.rand(3) < p).to(torch.int64)
+
+    def _main_crop(self, img: Tensor, mask: Tensor | None) -> Tensor:
+        if not (self.cfg.rrc_p and float(torch.rand(())) < self.cfg.rrc_p):
+            return img
+        fg = _classes(mask) if mask is not None else set()
+        for _ in range(10 if mask is not None else 1):
+            p = self.rrc.make_params([img])
+            t, l_, h, w = p["top"], p["left"], p["height"], p["width"]
+            if mask is None or fg <= _classes(mask[..., t : t + h, l_ : l_ + w]):
+                return TF.crop(img, t, l_, h, w)
+        return img
+
+    def __call__(self, img: Tensor, mask: Tensor | None = None) -> tuple[Tensor, ...]:
+        s = self.size
+        resized = TF.resize(img, [s, s], antialias=True)
+        main = TF.resize(self._main_crop(img, mask), [s, s], antialias=True) if self.cfg.rrc_p else resized
+        flags = self._flags()
+        main = dihedral(self._colour(main)[None], flags[None])[0]
+        out = self.normalize(tv_tensors.Image(main))
+        if not self.et:
+            return (out,)
+        view = self._colour(resized)
+        box = torch.tensor([0, 0, s, s])
+        if self.cfg.et_crop_p and float(torch.rand(())) < self.cfg.et_crop_p:
+            c = self.cfg.et_crop
+            starts = torch.arange(0, s + 1, self.patch)
+            y, x = (torch.minimum(starts[torch.randint(len(starts), (2,))], torch.tensor(s - c))).tolist()
+            box = torch.tensor([y, x, y + c, x + c])
+            view = view[:, y : y + c, x : x + c]
+        view = TF.resize(view, [s // 2, s // 2], antialias=True)
+        et_flags = self._flags()
+        view = dihedral(view[None], et_flags[None])[0]
+        main_geom = torch.cat([flags, torch.tensor([0, 0, s, s])])
+        return out, self.normalize(tv_tensors.Image(view)), main_geom, torch.cat([et_flags, box])
+
+
+def _classes(mask: Tensor) -> set[int]:
+    """Foreground classes present in a mask (background 0 and ignore 255 left out)."""
+    return {int(c) for c in torch.unique(mask).tolist() if c not in (0, IGNORE)}
+
+
+def tkp_train_transform(cfg: DataConfig, size: int, mean, std, et: bool = False, patch: int = 16) -> TKPViews:
+    """The TKP-PCL training views (``TKPViews``)."""
+    return TKPViews(cfg, size, mean, std, et=et, patch=patch)
 
 
 def eval_transform(size: int | None, mean, std) -> v2.Compose:
@@ -88,15 +163,16 @@ def _apply_seeded(transform: v2.Compose, key: Any, *inputs: Any) -> Any:
 
 
 class TKPTrainSet(Dataset):
-    """(image (3, S, S) float, tags (C,) bool) for TKP-PCL training. Only the class set of an
-    image reaches training, never a pixel of its mask."""
+    """(image (3, S, S) float, tags (C,) bool), plus with the equivariance view (ET image, geometry,
+    ET geometry), for TKP-PCL training. Only the class set of an image reaches the loss, never a
+    pixel of its mask (``crop_tags = "visible"`` reads the mask only to reject crops)."""
 
-    def __init__(self, base, transform: v2.Compose, cache_size: int = 0) -> None:
+    def __init__(self, base, transform: TKPViews, cache_size: int = 0) -> None:
         self.base = base
         self.transform = transform
         self.tags = torch.from_numpy(np.asarray(base.all_tags()))
         self.cache: torch.Tensor | None = None
-        if cache_size:
+        if cache_size and not transform.needs_mask:
             self.cache = preload_images(base, cache_size)
 
     def __len__(self) -> int:
@@ -105,11 +181,12 @@ class TKPTrainSet(Dataset):
     def __getitem__(self, key):
         index = key[0] if isinstance(key, tuple) else key
         if self.cache is not None:
-            img = tv_tensors.Image(self.cache[index])
+            img = self.cache[index]
         else:
-            img = tv_tensors.Image(torch.from_numpy(self.base.image(index)).permute(2, 0, 1))
-        _, img = _apply_seeded(self.transform, key, img)
-        return img, self.tags[index]
+            img = torch.from_numpy(self.base.image(index)).permute(2, 0, 1)
+        mask = torch.from_numpy(self.base.mask(index)) if self.transform.needs_mask else None
+        _, views = _apply_seeded(self.transform, key, img, mask)
+        return views[0], self.tags[index], *views[1:]
 
 
 class EvalSet(Dataset):
