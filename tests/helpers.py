@@ -41,6 +41,7 @@ def tiny_config(voc_root: Path, name: str = "tiny", **extra: str) -> Config:
             "seg.batch_size=4",
             "seg.iters=6",
             "seg.lr=0.01",
+            "seg.msc_scales=[]",
             "seg.freeze_bn=false",
             "seg.workers=0",
             "seg.log_every=1",

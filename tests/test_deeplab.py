@@ -92,5 +92,42 @@ def test_poly_schedule_and_head_multiplier(synth_root):
     cfg = tiny_config(synth_root / "VOC2012")
     cfg.seg.iters, cfg.seg.lr, cfg.seg.head_lr_mult = 100, 1e-3, 10.0
     t = SegTask(cfg, synth_root)
-    assert t.lr_factors(0, 0) == [1e-3, 1e-2]
+    opt = t.optimizer(t.build_model())
+    # backbone weights, backbone BatchNorm affines (BN learns in the tiny config), ASPP weights, ASPP biases
+    assert t.lr_factors(0, 0) == pytest.approx([1e-3, 1e-3, 1e-2, 2e-2])
+    assert [g["weight_decay"] for g in opt.param_groups] == [5e-4, 0.0, 5e-4, 0.0]
     assert t.lr_factors(50, 0)[0] == pytest.approx(1e-3 * 0.5**0.9)
+
+
+def test_padding_is_the_mean_pixel_with_ignored_labels():
+    """A crop larger than the image pads it: about 0 after normalisation (not black, -2.1), label 255."""
+    from torchvision import tv_tensors
+
+    from tkpbench.data.transforms import seg_train_transform
+    from tkpbench.deeplab import IMAGENET_MEAN, IMAGENET_STD
+
+    tf = seg_train_transform(64, (1.0, 1.0), IMAGENET_MEAN, IMAGENET_STD)
+    img = tv_tensors.Image(torch.full((3, 16, 16), 255, dtype=torch.uint8))
+    mask = tv_tensors.Mask(torch.zeros(16, 16, dtype=torch.uint8))
+    out, m = tf(img, mask)
+    pad = m == 255
+    assert pad.float().mean() > 0.9
+    assert out[:, pad].abs().max() < 0.02
+
+
+def test_deeplab_param_groups_and_msc_outputs():
+    """deeplab-pytorch's recipe: ASPP weights 10x, ASPP biases 20x without weight decay; MSC returns
+    scale 1, each scale and the max fusion, as one forward."""
+    from tkpbench.deeplab import DeepLabV2
+
+    m = DeepLabV2(5, "resnet18", None, output_stride=16)
+    groups = m.param_groups(10.0, 20.0, 5e-4, bias_decay=False)
+    by_mult = {g["lr_mult"]: g for g in groups if g["params"][0].dim() <= 1 or g["lr_mult"] != 1.0}
+    assert by_mult[20.0]["weight_decay"] == 0.0 and all(p.dim() == 1 for p in by_mult[20.0]["params"])
+    assert by_mult[10.0]["weight_decay"] == 5e-4 and all(p.dim() == 4 for p in by_mult[10.0]["params"])
+    n = sum(p.numel() for g in groups for p in g["params"])
+    assert n == sum(p.numel() for p in m.parameters())  # every parameter in exactly one group
+    x = torch.randn(1, 3, 64, 64)
+    outs = m.train()(x, msc_scales=[0.5, 0.75])
+    assert [tuple(o.shape[-2:]) for o in outs] == [(64, 64), (32, 32), (48, 48), (64, 64)]
+    assert torch.all(outs[-1] >= outs[0])

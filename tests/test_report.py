@@ -6,11 +6,12 @@ from tkpbench.records import StageRecord, write_stage
 from tkpbench.report import build_tables, fig4_sweep, fig5_grid, load_results, main, variant
 
 
-def _cfg(pooling, pce, k=6, eps=0.85, synthetic=False):
+def _cfg(pooling, pce, k=6, eps=0.85, synthetic=False, et=False):
     c = Config()
     c.synthetic = synthetic
+    flags = ["model.et=true", "model.reg=0.01"] if et else []
     apply_overrides(
-        c, [f"model.pooling={pooling}", f"model.pce={'true' if pce else 'false'}", f"model.k={k}", f"model.eps={eps}"]
+        c, [f"model.pooling={pooling}", f"model.pce={'true' if pce else 'false'}", f"model.k={k}", f"model.eps={eps}", *flags]
     )
     return c.to_dict()
 
@@ -50,6 +51,23 @@ def _row(table, first):
 def test_variant_names():
     assert variant(_cfg("topk", True)) == "topk+pce" and variant(_cfg("topk", False, k=1)) == "max"
     assert variant(_cfg("avg", False)) == "avg"
+    assert variant(_cfg("max", False, et=True)) == "vit_pcm" and variant(_cfg("topk", True, et=True)) == "topk+pce+et"
+
+
+def test_the_vit_pcm_rows_come_only_from_vit_pcm_runs_and_say_what_they_measure(tmp_path):
+    """Tables 1-3's ViT-PCM row is measured from baselines/vit_pcm.toml (max pooling + ET + REG) only,
+    never from Table 4's max-pooling row; its DeepLab cells carry the BPM footnote."""
+    _fixture(tmp_path)
+    t1, t2, *_ = build_tables(load_results(tmp_path))
+    assert _row(t1, "ViT-PCM")[4] == "not run"  # vit_pcm_max alone does not stand in for ViT-PCM
+    assert _row(t2, "ViT-PCM")[3] == "69.3 †" and any("BPM" in n and n.startswith("†") for n in t2[3])
+    _write(tmp_path, "vit_pcm", "mask", "voc", "train", 66.0, 68.5, _cfg("max", False, et=True))
+    _write(tmp_path, "vit_pcm", "seg", "voc", "val", 65.0, None, _cfg("max", False, et=True))
+    t1, t2, _, t4, _ = build_tables(load_results(tmp_path))
+    assert _row(t1, "ViT-PCM")[4:6] == ["66.0 (n=1, no interval)", "68.5 (n=1, no interval)"]
+    assert _row(t2, "ViT-PCM")[4:] == ["65.0 (n=1, no interval)", "not comparable"]
+    assert any(r[0].startswith("Max-Pooling (ViT-PCM's pooling, TKP-PCL's training) [vit_pcm_max]") for r in t4[2])
+    assert all("[vit_pcm]" not in r[0] for r in t4[2])
 
 
 def test_tables_put_published_and_measured_side_by_side(tmp_path):
@@ -59,7 +77,7 @@ def test_tables_put_published_and_measured_side_by_side(tmp_path):
     assert _row(t1, "MCTformer")[3:5] == ["61.7", "published"]
     # records without per-image counts: the value, and plainly no interval
     assert _row(t1, "TKP-PCL")[3:6] == ["74.6", "70.0 (n=1, no interval)", "73.5 (n=1, no interval)"]
-    assert _row(t1, "ViT-PCM")[3:6] == ["71.4", "68.0 (n=1, no interval)", "69.0 (n=1, no interval)"]
+    assert _row(t1, "ViT-PCM")[3:5] == ["71.4", "not run"]
     assert _row(t2, "TKP-PCL")[3:5] == ["72.2", "71.0 (n=1, no interval)"]
     assert _row(t3, "TKP-PCL")[4] == "not run"
     assert any("topk_pce @ abc123" in n for n in t1[3])

@@ -141,7 +141,12 @@ class SegConfig:
     crop: int = 321
     batch_size: int = 10
     lr: float = 2.5e-4
-    head_lr_mult: float = 10.0
+    head_lr_mult: float = 10.0  # the ASPP's weights (deeplab-pytorch "10x")
+    head_bias_lr_mult: float = 20.0  # the ASPP's biases (deeplab-pytorch "20x")
+    bias_decay: bool = False  # weight decay on biases and BatchNorm affines (deeplab-pytorch: none on the 20x group)
+    # multi-scale (MSC) training, DeepLab-v2 / deeplab-pytorch: the loss sums the logits at scale 1,
+    # at each of these input scales and their max fusion; [] = single scale
+    msc_scales: list = field(default_factory=lambda: [0.5, 0.75])
     momentum: float = 0.9
     weight_decay: float = 5e-4
     poly_power: float = 0.9
@@ -338,6 +343,8 @@ RULES: dict[str, Any] = {
     "seg.batch_size": AT_LEAST_1,
     "seg.lr": POS,
     "seg.head_lr_mult": POS,
+    "seg.head_bias_lr_mult": POS,
+    "seg.msc_scales": lambda v: None if all(isinstance(x, (int, float)) and 0 < x < 1 for x in v) else "scales in (0, 1), or []",
     "seg.momentum": _num(0, 1, hi_open=True),
     "seg.weight_decay": NONNEG,
     "seg.poly_power": NONNEG,

@@ -67,16 +67,39 @@ class DeepLabV2(nn.Module):
         self.backbone = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
         self.aspp = ASPP(net.fc.in_features, num_classes, rates)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, msc_scales: list[float] | None = None) -> Tensor | list[Tensor]:
+        """Logits at the input size; with ``msc_scales`` the list of ``msc`` (training)."""
+        return self.msc(x, msc_scales) if msc_scales else self._logits(x)
+
+    def _logits(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
         logits = self.aspp(self.backbone(x))
         return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
 
-    def param_groups(self, lr: float, head_mult: float) -> list[dict]:
-        return [
-            {"params": list(self.backbone.parameters()), "lr": lr},
-            {"params": list(self.aspp.parameters()), "lr": lr * head_mult},
+    def param_groups(self, head_mult: float, head_bias_mult: float, weight_decay: float, bias_decay: bool) -> list[dict]:
+        """deeplab-pytorch's groups: backbone weights 1x, ASPP weights ``head_mult``x, ASPP biases
+        ``head_bias_mult``x; biases and BatchNorm affines (1-d parameters) without weight decay unless
+        ``bias_decay``. Each group's ``lr_mult`` scales the base learning rate; empty groups are dropped."""
+        wd_1d = weight_decay if bias_decay else 0.0
+        back = [p for p in self.backbone.parameters() if p.requires_grad]
+        head = [p for p in self.aspp.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in back if p.dim() > 1], "lr_mult": 1.0, "weight_decay": weight_decay},
+            {"params": [p for p in back if p.dim() <= 1], "lr_mult": 1.0, "weight_decay": wd_1d},
+            {"params": [p for p in head if p.dim() > 1], "lr_mult": head_mult, "weight_decay": weight_decay},
+            {"params": [p for p in head if p.dim() <= 1], "lr_mult": head_bias_mult, "weight_decay": wd_1d},
         ]
+        return [g for g in groups if g["params"]]
+
+    def msc(self, x: Tensor, scales: list[float]) -> list[Tensor]:
+        """DeepLab-v2's multi-scale training outputs: the logits at scale 1, at each of ``scales`` (at
+        that scale's size) and their max fusion at scale 1's size. One call, so that DDP sees one
+        forward per backward (``forward(x, msc_scales=...)``)."""
+        full = self._logits(x)
+        h, w = x.shape[-2:]
+        pyramid = [self._logits(F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)) for s in scales]
+        up = [F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False) for p in pyramid]
+        return [full, *pyramid, torch.stack([full, *up]).amax(0)]
 
 
 @torch.no_grad()

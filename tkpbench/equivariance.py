@@ -18,7 +18,6 @@ Everything here is batched: no Python loop over images, classes or patches.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 KERAS_EPS = 1e-7  # Keras's categorical cross-entropy clips probabilities to [eps, 1 - eps]
@@ -41,23 +40,36 @@ def dihedral(x: Tensor, flags: Tensor, inverse: bool = False) -> Tensor:
     return x
 
 
+def _lerp_along(x: Tensor, pos: Tensor, dim: int) -> Tensor:
+    """Linear interpolation of x along ``dim`` (2 or 3) at per-sample positions pos (B, size)."""
+    n = x.shape[dim]
+    lo = pos.floor().clamp(0, n - 1)
+    frac = (pos - lo).unsqueeze(1)  # (B, 1, size)
+    lo = lo.long()
+    hi = (lo + 1).clamp(max=n - 1)
+    b, c = x.shape[:2]
+    if dim == 2:
+        shape = (b, c, pos.shape[1], x.shape[3])
+        pick = lambda i: x.gather(2, i[:, None, :, None].expand(shape))  # noqa: E731
+        return pick(lo) * (1 - frac[..., None]) + pick(hi) * frac[..., None]
+    shape = (b, c, x.shape[2], pos.shape[1])
+    pick = lambda i: x.gather(3, i[:, None, None, :].expand(shape))  # noqa: E731
+    return pick(lo) * (1 - frac[:, :, None, :]) + pick(hi) * frac[:, :, None, :]
+
+
 def crop_resize(x: Tensor, boxes: Tensor, size: int) -> Tensor:
     """Per-sample crop and bilinear resize with align_corners=True (ViT-PCM's ``resize``).
 
     x: (B, C, N, N) maps; boxes: (B, 4) float (y1, x1, y2, x2) in cells of x, end exclusive;
     returns (B, C, size, size). Output cell j samples input position y1 + j (h - 1) / (size - 1),
-    exactly what ``tf.image.resize(..., align_corners=True)`` of the crop computes.
+    exactly what ``tf.image.resize(..., align_corners=True)`` of the crop computes; positions are
+    computed in cell units, so a crop resized to its own size is copied exactly.
     """
-    b, _, n, _ = x.shape
     j = torch.arange(size, device=x.device, dtype=torch.float32) / max(size - 1, 1)
     boxes = boxes.float()
     ys = boxes[:, 0:1] + j * (boxes[:, 2:3] - boxes[:, 0:1] - 1)  # (B, size) input rows
     xs = boxes[:, 1:2] + j * (boxes[:, 3:4] - boxes[:, 1:2] - 1)
-    norm = 2.0 / max(n - 1, 1)
-    gy = (ys * norm - 1.0)[:, :, None].expand(b, size, size)
-    gx = (xs * norm - 1.0)[:, None, :].expand(b, size, size)
-    grid = torch.stack([gx, gy], dim=-1)
-    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return _lerp_along(_lerp_along(x.float(), ys, 2), xs, 3)
 
 
 def realign(z_grid: Tensor, main_geom: Tensor, et_geom: Tensor, patch: int, out_cells: int) -> Tensor:

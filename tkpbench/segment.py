@@ -86,15 +86,12 @@ class SegTask(Task):
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         s = self.cfg.seg
-        groups = unwrap(model).param_groups(s.lr, s.head_lr_mult)
+        groups = unwrap(model).param_groups(s.head_lr_mult, s.head_bias_lr_mult, s.weight_decay, s.bias_decay)
+        self.lr_mults = [g["lr_mult"] for g in groups]
         for g in groups:
-            g["params"] = [p for p in g["params"] if p.requires_grad]
+            g["lr"] = s.lr * g["lr_mult"]
         return torch.optim.SGD(
-            groups,
-            lr=s.lr,
-            momentum=s.momentum,
-            weight_decay=s.weight_decay,
-            fused=fused_optimizer([p for g in groups for p in g["params"]]),
+            groups, lr=s.lr, momentum=s.momentum, fused=fused_optimizer([p for g in groups for p in g["params"]])
         )
 
     def total_steps(self, batches_per_epoch: int) -> int:
@@ -103,15 +100,21 @@ class SegTask(Task):
     def lr_factors(self, step: int, epoch: int) -> list[float]:
         s = self.cfg.seg
         f = (1 - step / s.iters) ** s.poly_power
-        return [s.lr * f, s.lr * s.head_lr_mult * f]
+        return [s.lr * m * f for m in self.lr_mults]
 
     def loss(self, model: nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
         img, mask = batch
         img = img.to(device, non_blocking=True)
         if device.type == "cuda":
             img = img.contiguous(memory_format=torch.channels_last)
-        logits = model(img)
-        ce = F.cross_entropy(logits.float(), mask.to(device, non_blocking=True), ignore_index=255)
+        mask = mask.to(device, non_blocking=True)
+        ce = None
+        out = model(img, msc_scales=self.cfg.seg.msc_scales) if self.cfg.seg.msc_scales else [model(img)]
+        for logits in out:
+            # each output against the labels at its size, nearest (deeplab-pytorch's resize_labels); summed
+            m = mask if logits.shape[-2:] == mask.shape[-2:] else _resize_labels(mask, logits.shape[-2:])
+            term = F.cross_entropy(logits.float(), m, ignore_index=255)
+            ce = term if ce is None else ce + term
         return {"loss": ce}
 
     def resume_view(self, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -122,6 +125,10 @@ class SegTask(Task):
         }
         data = {k: cfg.get("data", {}).get(k) for k in ("dataset", "root", "seg_train_split")}
         return {"seg": seg, "data": data}
+
+
+def _resize_labels(mask: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
 
 @torch.no_grad()

@@ -141,8 +141,10 @@ class RandomScale(v2.Transform):
 
 
 def seg_train_transform(crop: int, scale_range: Sequence[float], mean, std) -> v2.Compose:
-    """DeepLab-v2 recipe: random scale, pad (image 0 after normalisation, mask 255), random crop, flip."""
-    fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE, "others": 0}
+    """DeepLab-v2 recipe: random scale, pad (image with the mean pixel, so about 0 after
+    normalisation, as Caffe's DeepLab; mask with 255), random crop, flip."""
+    mean_pixel = [round(m * 255) for m in mean]
+    fill = {tv_tensors.Image: mean_pixel, tv_tensors.Mask: IGNORE, "others": 0}
     return v2.Compose(
         [
             RandomScale(scale_range),
