@@ -309,6 +309,7 @@ def test_sigint_to_reproduce_sh_leaves_a_resumable_run_and_a_non_zero_exit(synth
         "train.batch_size=4",
         "train.log_every=1",
         "train.eval_every=0",
+        "train.keep=last",
     ]
     cmd = [
         str(REPO / "reproduce.sh"),
