@@ -57,6 +57,30 @@ def test_real_coco_masks_agree_with_pycocotools_annToMask(shared_data, tmp_path)
     del checked_crowd
 
 
+def test_vit_pcm_coco_protocol_first_annotation_wins_crowd_keeps_its_class(shared_data, tmp_path):
+    """data.coco_protocol = "vit_pcm" (its parse_coco.py): images under 256 px or without annotations
+    are left out of every split; in annotation order each instance takes only unpainted pixels;
+    crowd regions carry their class (never 255); the default protocol's cache is not reused."""
+    root = shared_data / "coco2017-sample"
+    ds = COCOSegmentation(root, "train2017", mask_dir=tmp_path / "v", protocol="vit_pcm")
+    ours = COCOSegmentation(root, "train2017", mask_dir=tmp_path / "t")
+    imgs = ds.coco.imgs
+    assert all(min(imgs[i]["height"], imgs[i]["width"]) >= 256 and ds.coco.getAnnIds(imgIds=i) for i in ds.image_ids)
+    assert set(ds.image_ids) <= set(ours.image_ids)
+    differs = 0
+    for i in range(min(len(ds), 12)):
+        m = ds.mask(i)
+        painted = np.zeros(m.shape, bool)
+        for a in ds.coco.loadAnns(ds.coco.getAnnIds(imgIds=ds.image_ids[i])):
+            inst = ds.coco.annToMask(a).astype(bool) & ~painted
+            assert np.all(m[inst] == ds.cat_to_class[a["category_id"]])
+            painted |= inst
+        assert not (m == 255).any() and np.all(m[~painted] == 0)
+        differs += not np.array_equal(m, ours.mask(ours.image_ids.index(ds.image_ids[i])))
+    assert differs > 0  # the two protocols really differ on real overlapping annotations
+    assert "protocol='vit_pcm'" in repr(ds)
+
+
 # ---------------------------------------------------------------- generated data
 def test_synthetic_voc_and_coco_twins_agree(synth_root):
     voc = VOCSegmentation(synth_root / "VOC2012", "train_aug")

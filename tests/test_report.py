@@ -70,6 +70,15 @@ def test_the_vit_pcm_rows_come_only_from_vit_pcm_runs_and_say_what_they_measure(
     assert all("[vit_pcm]" not in r[0] for r in t4[2])
 
 
+def test_coco_figures_name_their_protocol(tmp_path):
+    cfg = _cfg("topk", True)
+    cfg["data"]["coco_protocol"] = "vit_pcm"
+    _write(tmp_path, "coco_topk_pce", "seg", "coco", "val2014", 40.0, None, cfg)
+    t3 = build_tables(load_results(tmp_path))[2]
+    assert _row(t3, "TKP-PCL")[4] == "40.0 (n=1, no interval)"
+    assert any(n.startswith("TKP-PCL: COCO protocol vit_pcm (ViT-PCM's parse_coco.py") for n in t3[3])
+
+
 def test_tables_put_published_and_measured_side_by_side(tmp_path):
     _fixture(tmp_path)
     tables = build_tables(load_results(tmp_path))

@@ -63,6 +63,10 @@ class DataConfig:
     mask_split: str = "train"  # the split whose pseudo masks Table 1 scores
     seg_train_split: str = "train_aug"  # pseudo masks DeepLab trains on
     tags: str = "mask"  # VOC: "mask" (class set of the mask, like cls_labels.npy) or "xml"
+    # COCO masks and images: "tkpbench" (every image, largest instance first, crowd 255) or
+    # "vit_pcm" (its parse_coco.py: images >= 256 px with annotations, first annotation wins,
+    # crowd keeps its class); the report names the protocol of every COCO figure
+    coco_protocol: str = "tkpbench"
     workers: int = 4
     cache_images: bool = False  # keep resized uint8 images in memory
     # training augmentation of the main view: ViT-PCM's dataloader.py (SPEC Sec. 1; data.transforms.TKPViews)
@@ -299,6 +303,7 @@ RULES: dict[str, Any] = {
     "model.reg": NONNEG,
     "data.dataset": _choice("voc", "coco"),
     "data.tags": _choice("mask", "xml"),
+    "data.coco_protocol": _choice("tkpbench", "vit_pcm"),
     "data.workers": NONNEG,
     "data.hflip": PROB,
     "data.vflip": PROB,

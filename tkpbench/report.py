@@ -84,6 +84,12 @@ FOOTNOTES = {
 }
 
 
+COCO_PROTOCOL_TEXT = {
+    "tkpbench": "every val2014 image, largest instance first, crowd 255",
+    "vit_pcm": "ViT-PCM's parse_coco.py: images >= 256 px with annotations, first annotation wins, crowd keeps its class",
+}
+
+
 def variant(cfg: dict[str, Any]) -> str:
     """The Table 4 variant of a run's config; ViT-PCM's recipe (max pooling + ET/REG) is "vit_pcm"."""
     m = cfg.get("model", {})
@@ -285,6 +291,9 @@ def build_tables(runs: list[dict]) -> list[tuple[str, list[str], list[list[str]]
             inside = "not comparable" if note else _inside(ec if crf_cols else e, val)
             rows.append([name, pub, bb, shown, cell(e)] + ([cell(ec)] if crf_cols else []) + [inside])
             notes += [f"{name}: {_prov(st, g.name)}" for st in g.records(stage)]
+            if dataset == "coco":
+                protocols = sorted({r.get("config", {}).get("data", {}).get("coco_protocol", "tkpbench") for r in g.runs})
+                notes.append(f"{name}: COCO protocol {', '.join(protocols)} ({COCO_PROTOCOL_TEXT[protocols[0]]})")
         return (title, header, rows, notes + _machine_notes(used))
 
     tables.append(

@@ -42,7 +42,15 @@ CHECKPOINT_FORMAT = "tkpbench-checkpoint-v2"
 # Config keys each stage's outputs depend on. A DONE marker stores their values; a change redoes
 # that stage and every stage after it. Keys that only affect speed (workers, device) are left out.
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "pseudo": ("pseudo.infer_size", "pseudo.save_probs", "pseudo.align_corners", "data.tags", "data.dataset", "data.root"),
+    "pseudo": (
+        "pseudo.infer_size",
+        "pseudo.save_probs",
+        "pseudo.align_corners",
+        "data.tags",
+        "data.dataset",
+        "data.root",
+        "data.coco_protocol",
+    ),
     "crf": ("crf.iters", "crf.gauss_sxy", "crf.gauss_compat", "crf.bi_sxy", "crf.bi_srgb", "crf.bi_compat", "crf.backend"),
     "seg": (
         "seg.backbone",

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--root", type=Path, required=True)
     m.add_argument("--split", default="train2014")
     m.add_argument("--workers", type=int, default=0)
+    m.add_argument("--protocol", choices=["tkpbench", "vit_pcm"], default="tkpbench", help="data.coco_protocol")
     s = sub.add_parser("synth", help="generate the demo datasets (VOC layout + COCO twin)")
     s.add_argument("--root", type=Path, required=True)
     s.add_argument("--n", type=int, default=200)
@@ -61,8 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "prepare-aug":
             print(prepare_train_aug(args.root, args.sbd, args.workers, progress=True))
         elif args.cmd == "coco-masks":
+            folder = "semantic" if args.protocol == "tkpbench" else f"semantic_{args.protocol}"
             ds = COCOSegmentation(
-                args.root, args.split, mask_dir=Path(args.root) / "semantic" / args.split, skip_unannotated=False
+                args.root,
+                args.split,
+                mask_dir=Path(args.root) / folder / args.split,
+                skip_unannotated=args.protocol == "vit_pcm",
+                protocol=args.protocol,
             )
             print(f"built {build_masks(ds, args.workers)} masks into {ds.mask_dir}")
         elif args.cmd == "synth":

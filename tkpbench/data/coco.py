@@ -9,6 +9,14 @@ them all there in parallel), else in the cache folder (``$TKPBENCH_CACHE``, defa
 ``~/.cache/tkpbench``), keyed by the annotation file, so a read-only dataset folder works.
 Tags: categories with at least one annotation. Images without any annotation are left out
 of training splits and counted in ``num_unannotated``.
+
+``protocol = "vit_pcm"`` follows ViT-PCM's ``datasets/parse_coco.py`` instead, on every split:
+images smaller than 256 px on a side or without annotations are left out; instances are painted
+in annotation order where nothing is painted yet (the first annotation wins), crowd regions with
+their class. Its masks are cached apart from the default protocol's. Two things it does are not
+repeated: it also drops an image whose mask has a single value (one class covering every pixel,
+which needs every mask decoded up front), and it derives tags from the mask (a category whose
+pixels are all covered by earlier annotations drops out); here tags stay the annotated categories.
 """
 
 from __future__ import annotations
@@ -61,14 +69,30 @@ def semantic_mask(coco, image_id: int, cat_to_class: dict[int, int]) -> np.ndarr
     return out
 
 
-def default_mask_dir(root: Path, split: str, ann_file: Path) -> Path:
-    """``root/semantic/<split>`` when it exists, else a folder of the cache keyed by the annotation file."""
-    in_root = root / "semantic" / split
+def semantic_mask_vit_pcm(coco, image_id: int, cat_to_class: dict[int, int]) -> np.ndarray:
+    """uint8 (H, W) as ViT-PCM's ``parse_coco.py``: annotation order, the first one wins, crowd keeps its class."""
+    info = coco.imgs[image_id]
+    out = np.zeros((info["height"], info["width"]), dtype=np.uint8)
+    for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None)):
+        m = coco.annToMask(a).astype(bool) & (out == 0)
+        out[m] = cat_to_class.get(a["category_id"], IGNORE)
+    return out
+
+
+PROTOCOLS = {"tkpbench": semantic_mask, "vit_pcm": semantic_mask_vit_pcm}
+MIN_SIDE_VIT_PCM = 256  # parse_coco.py: images under 256 px on a side are skipped
+
+
+def default_mask_dir(root: Path, split: str, ann_file: Path, protocol: str = "tkpbench") -> Path:
+    """``root/semantic/<split>`` (``semantic_vit_pcm`` for that protocol) when it exists, else a
+    folder of the cache keyed by the annotation file and the protocol."""
+    in_root = root / ("semantic" if protocol == "tkpbench" else f"semantic_{protocol}") / split
     if in_root.is_dir():
         return in_root
     st = ann_file.stat()
     key = hashlib.sha256(f"{ann_file.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "coco_semantic" / f"{split}_{key}"
+    sub = "coco_semantic" if protocol == "tkpbench" else f"coco_semantic_{protocol}"
+    return cache_dir() / sub / f"{split}_{key}"
 
 
 class COCOSegmentation:
@@ -81,9 +105,13 @@ class COCOSegmentation:
         ann_file: str | Path | None = None,
         mask_dir: str | Path | None = None,
         skip_unannotated: bool | None = None,
+        protocol: str = "tkpbench",
     ) -> None:
+        if protocol not in PROTOCOLS:
+            raise DatasetError(f"COCO protocol {protocol!r} is unknown; expected one of {', '.join(PROTOCOLS)}")
         self.root = Path(root)
         self.split = split
+        self.protocol = protocol
         if not self.root.is_dir():
             raise DatasetError(f"COCO root {self.root} does not exist; expected <split>/ and annotations/. Fix: {FIX_DOWNLOAD}")
         self.ann_file = Path(ann_file) if ann_file else self.root / "annotations" / f"instances_{split}.json"
@@ -93,14 +121,17 @@ class COCOSegmentation:
         self.classes = ("background",) + tuple(self.coco.cats[c]["name"] for c in cat_ids)
         self.num_classes = len(self.classes)
         self.image_dir = self.root / split
-        self.mask_dir = Path(mask_dir) if mask_dir else default_mask_dir(self.root, split, self.ann_file)
+        self.mask_dir = Path(mask_dir) if mask_dir else default_mask_dir(self.root, split, self.ann_file, protocol)
         if skip_unannotated is None:
-            skip_unannotated = "train" in split
+            skip_unannotated = "train" in split or protocol == "vit_pcm"
         self.skip_unannotated = skip_unannotated
         all_ids = sorted(self.coco.imgs)
         annotated = [i for i in all_ids if self.coco.getAnnIds(imgIds=i)]
         self.num_unannotated = len(all_ids) - len(annotated)
         self.image_ids = annotated if skip_unannotated else all_ids
+        if protocol == "vit_pcm":
+            imgs = self.coco.imgs
+            self.image_ids = [i for i in self.image_ids if min(imgs[i]["height"], imgs[i]["width"]) >= MIN_SIDE_VIT_PCM]
         if not self.image_ids:
             raise DatasetError(f"split '{split}' of {self.ann_file} has no images")
         self.ids = [Path(self.coco.imgs[i]["file_name"]).stem for i in self.image_ids]
@@ -123,7 +154,7 @@ class COCOSegmentation:
 
     def __repr__(self) -> str:
         return (
-            f"COCOSegmentation(split={self.split!r}, n={len(self)}, unannotated_left_out="
+            f"COCOSegmentation(split={self.split!r}, protocol={self.protocol!r}, n={len(self)}, unannotated_left_out="
             f"{self.num_unannotated if len(self) < len(self.coco.imgs) else 0}, root={str(self.root)!r})"
         )
 
@@ -140,7 +171,7 @@ class COCOSegmentation:
         path = self.mask_path(i)
         if path.is_file():
             return read_mask(path, self.num_classes)
-        m = semantic_mask(self.coco, self.image_ids[i], self.cat_to_class)
+        m = PROTOCOLS[self.protocol](self.coco, self.image_ids[i], self.cat_to_class)
         try:
             save_mask(path, m)
         except OSError:
@@ -157,9 +188,9 @@ class COCOSegmentation:
 _WORKER_DS: COCOSegmentation | None = None
 
 
-def _init_worker(root: str, split: str, ann_file: str, mask_dir: str, skip: bool) -> None:
+def _init_worker(root: str, split: str, ann_file: str, mask_dir: str, skip: bool, protocol: str) -> None:
     global _WORKER_DS
-    _WORKER_DS = COCOSegmentation(root, split, ann_file, mask_dir, skip_unannotated=skip)
+    _WORKER_DS = COCOSegmentation(root, split, ann_file, mask_dir, skip_unannotated=skip, protocol=protocol)
 
 
 def _build_one(i: int) -> bool:
@@ -176,7 +207,7 @@ def build_masks(ds: COCOSegmentation, workers: int = 0, progress: bool = True) -
     workers = workers or os.cpu_count() or 1
     ds.mask_dir.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(len(ds)) if not ds.mask_path(i).is_file()]
-    initargs = (str(ds.root), ds.split, str(ds.ann_file), str(ds.mask_dir), ds.skip_unannotated)
+    initargs = (str(ds.root), ds.split, str(ds.ann_file), str(ds.mask_dir), ds.skip_unannotated, ds.protocol)
     with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=initargs) as pool:
         built = pool.map(_build_one, todo, chunksize=16)
         return sum(track(built, total=len(todo), description=f"COCO {ds.split} masks", enabled=progress))

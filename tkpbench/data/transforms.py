@@ -253,5 +253,5 @@ def build_dataset(cfg: DataConfig, split: str):
     if cfg.dataset == "voc":
         return VOCSegmentation(cfg.root, split, tags=cfg.tags)
     if cfg.dataset == "coco":
-        return COCOSegmentation(cfg.root, split)
+        return COCOSegmentation(cfg.root, split, protocol=cfg.coco_protocol)
     raise ValueError(f"data.dataset must be 'voc' or 'coco', got {cfg.dataset!r}")
