@@ -6,6 +6,8 @@ import pytest
 from helpers import tiny_config
 
 from tkpbench.config import save_config
+from tkpbench.data import VOCSegmentation
+from tkpbench.data.common import read_mask
 from tkpbench.io import atomic_write_json
 from tkpbench.pipeline import PipelineError, check_data, main, run_chain
 from tkpbench.records import load_summary
@@ -61,6 +63,10 @@ def test_whole_chain_runs_then_a_rerun_skips_every_stage(synth_root, tmp_path, m
     summary = load_summary(tmp_path / "results" / "tiny" / "summary.json")
     assert set(summary["stages"]) == {"mask", "seg"} and summary["synthetic"]
     assert any(line.startswith("$ ") and "tkpbench.train" in line for line in logs)
+    # DeepLab's evaluation keeps its first predictions for Fig. 5, as class-index PNGs of val images
+    examples = sorted((tmp_path / "runs" / "tiny" / "seg" / "examples").glob("*.png"))
+    n_val = len(VOCSegmentation(synth_root / "VOC2012", "val"))
+    assert len(examples) == min(8, n_val) > 0 and read_mask(examples[0], 21).max() < 21
     logs.clear()
     run_chain(tmp_path / "tiny.toml", [], tmp_path / "runs", tmp_path / "results", 1, log=logs.append)
     assert not any(line.startswith("$ ") for line in logs), logs

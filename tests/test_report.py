@@ -150,6 +150,17 @@ def test_fig5_grid_has_titles_one_row_per_image_four_columns_and_a_legend(tmp_pa
     assert arr[header + 80, 240 + 120].tolist() == [192, 128, 128]
     assert (arr[:header] < 128).any()  # the titles are drawn
     assert (arr[-legend:] == [192, 128, 128]).all(-1).any()  # the legend shows the class colour
+    # DeepLab's segmentation of val images as a second block below the pseudo masks (the paper's Fig. 5)
+    seg = np.zeros_like(m)
+    seg[:40] = 7  # car
+    block = ([img], [m], [seg], [seg], ("val image", "ground truth", "DeepLab a", "DeepLab b"), ["v"])
+    out = fig5_grid(
+        [img, img], [m, m], [m, m], [m, m], tmp_path / "h.png", class_names=[f"c{i}" for i in range(21)], extra_blocks=(block,)
+    )
+    arr = np.asarray(Image.open(out))
+    assert arr.shape == (2 * header + 3 * 160 + legend, 4 * 240, 3)
+    row = header + 2 * 160 + header  # the DeepLab block's image row
+    assert arr[row + 40, 2 * 240 + 120].tolist() == [128, 128, 128]  # car (7) in the "DeepLab a" column
 
 
 def test_training_curves_and_per_class_bars_are_drawn_from_what_runs_write(tmp_path):

@@ -31,6 +31,7 @@ from tkpbench.data.common import read_mask, voc_palette
 from tkpbench.data.transforms import build_dataset
 from tkpbench.io import atomic_write_text
 from tkpbench.records import load_summary, machine_key
+from tkpbench.runs import RunDir
 from tkpbench.stats import Estimate, load_counts, paired_difference, seed_and_image_interval, seed_interval, verdict
 
 # SPEC Sec. 5 (the paper's tables), mIoU %.
@@ -628,10 +629,12 @@ def fig5_grid(
     titles=("image", "ground truth", "ViT-PCM max", "TKP-PCL"),
     ids: list[str] | None = None,
     class_names: list[str] | None = None,
+    extra_blocks: tuple = (),
 ) -> Path:
     """Fig. 5 style grid: a header row of column titles, then one row per image (its id in the
     image cell), columns image | GT | baseline | TKP-PCL (palette colours), then a legend of the
-    classes that appear."""
+    classes that appear. ``extra_blocks``: further (images, gts, preds_a, preds_b, titles, ids)
+    blocks stacked below with their own header (DeepLab's segmentation beside the pseudo masks)."""
     pal = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
     ch, cw = 160, 240  # every cell the same size, each picture fitted inside it (columns stay aligned)
 
@@ -651,17 +654,20 @@ def fig5_grid(
             canvas = np.asarray(im)
         return canvas
 
-    ids = ids or [""] * len(images)
-    rows = [
-        np.concatenate([cell(img, Image.BILINEAR, i)] + [cell(pal[m], Image.NEAREST) for m in (gt, a, b)], axis=1)
-        for img, gt, a, b, i in zip(images, gts, preds_a, preds_b, ids)
-    ]
-    header = Image.new("RGB", (4 * cw, 22), "white")
-    d = ImageDraw.Draw(header)
-    for n, t in enumerate(titles):
-        d.text((n * cw + 6, 5), t, fill="black")
-    parts = [np.asarray(header), *rows]
-    present = sorted({int(c) for m in (*gts, *preds_a, *preds_b) for c in np.unique(m) if c != 255})
+    blocks = [(images, gts, preds_a, preds_b, titles, ids), *extra_blocks]
+    parts = []
+    for b_images, b_gts, b_a, b_b, b_titles, b_ids in blocks:
+        header = Image.new("RGB", (4 * cw, 22), "white")
+        d = ImageDraw.Draw(header)
+        for n, t in enumerate(b_titles):
+            d.text((n * cw + 6, 5), t, fill="black")
+        parts.append(np.asarray(header))
+        parts += [
+            np.concatenate([cell(img, Image.BILINEAR, i)] + [cell(pal[m], Image.NEAREST) for m in (gt, a, b)], axis=1)
+            for img, gt, a, b, i in zip(b_images, b_gts, b_a, b_b, b_ids or [""] * len(b_images))
+        ]
+    masks = [m for blk in blocks for group in blk[1:4] for m in group]
+    present = sorted({int(c) for m in masks for c in np.unique(m) if c != 255})
     if class_names:
         per_row = 6
         legend = Image.new("RGB", (4 * cw, 20 * ((len(present) + per_row - 1) // per_row) + 4), "white")
@@ -679,8 +685,30 @@ def fig5_grid(
     return out
 
 
+def _deeplab_block(cfg, runs_dir: Path, baseline: str, ours: str, n: int) -> tuple:
+    """The paper's Fig. 5 proper: DeepLab's segmentation of val images (``seg/examples/``, written by
+    the DeepLab evaluation) of both runs, or nothing when either run has none."""
+    a_dir, b_dir = RunDir(runs_dir / baseline).seg.examples, RunDir(runs_dir / ours).seg.examples
+    if not (a_dir.is_dir() and b_dir.is_dir()):
+        return ()
+    ds = build_dataset(cfg.data, cfg.data.val_split)
+    idx = [i for i in range(len(ds)) if (a_dir / f"{ds.ids[i]}.png").is_file() and (b_dir / f"{ds.ids[i]}.png").is_file()][:n]
+    if not idx:
+        return ()
+    block = (
+        [ds.image(i) for i in idx],
+        [ds.mask(i) for i in idx],
+        [read_mask(a_dir / f"{ds.ids[i]}.png", ds.num_classes) for i in idx],
+        [read_mask(b_dir / f"{ds.ids[i]}.png", ds.num_classes) for i in idx],
+        (f"{cfg.data.val_split} image (id)", "ground truth", f"DeepLab on {baseline}'s masks", f"DeepLab on {ours}'s masks"),
+        [ds.ids[i] for i in idx],
+    )
+    return (block,)
+
+
 def fig5_from_runs(results: Path, runs_dir: Path, baseline: str, ours: str, n: int = 4) -> Path | None:
-    """Fig. 5 from two runs' pseudo masks (after CRF) on their mask split."""
+    """Fig. 5 from two runs: their pseudo masks (after CRF) on the mask split and, below, DeepLab's
+    segmentation of val images trained on each run's masks (as the paper's Fig. 5)."""
 
     a_dir, b_dir = runs_dir / baseline / "pseudo" / "crf", runs_dir / ours / "pseudo" / "crf"
     summ = results / ours / "summary.json"
@@ -704,6 +732,7 @@ def fig5_from_runs(results: Path, runs_dir: Path, baseline: str, ours: str, n: i
         titles=("image (id)", "ground truth", f"{baseline} (max, CRF)", f"{ours} (top-K + PCE, CRF)"),
         ids=[ds.ids[i] for i in idx],
         class_names=list(ds.classes),
+        extra_blocks=_deeplab_block(cfg, runs_dir, baseline, ours, n),
     )
 
 

@@ -10,6 +10,7 @@
       pseudo/masks/<id>.png  pseudo masks before the CRF;   pseudo/probs/<id>.npz merged probabilities
       pseudo/crf/<id>.png    after the CRF;                  pseudo/DONE_<stage>_<split>.json markers
       seg/                   DeepLab: a run folder of its own (config.toml, final.pt, checkpoints/, log.jsonl)
+      seg/examples/<id>.png  DeepLab's prediction on the first few eval images (Fig. 5)
 
 Every stage asks this module where things are; no stage imports another stage. Checkpoints are
 loaded with ``torch.load(weights_only=True)``: a file that would need to run code to load is
@@ -98,6 +99,7 @@ class RunDir:
     probs = property(lambda self: self.root / "pseudo" / "probs")
     crf = property(lambda self: self.root / "pseudo" / "crf")
     seg = property(lambda self: RunDir(self.root / "seg"))
+    examples = property(lambda self: self.root / "examples")  # of a seg folder: predictions for Fig. 5
 
     def marker(self, stage: str, split: str | None = None) -> Path:
         """The DONE marker of ``stage`` ("pseudo", "crf": per split, under pseudo/; "seg": under seg/)."""

@@ -28,6 +28,7 @@ from tkpbench import cli
 from tkpbench import distributed as D
 from tkpbench.config import Config, config_from_dict, dumps
 from tkpbench.crf import dense_crf
+from tkpbench.data.common import save_mask
 from tkpbench.data.transforms import EvalSet, PseudoMaskSet, build_dataset, eval_transform, seg_train_transform
 from tkpbench.deeplab import IMAGENET_MEAN, IMAGENET_STD, DeepLabV2, predict_probs
 from tkpbench.engine import Task, fit, fused_optimizer, unwrap
@@ -127,6 +128,9 @@ class SegTask(Task):
         return {"seg": seg, "data": data}
 
 
+EXAMPLES = 8  # eval images whose DeepLab prediction is kept (seg/examples/) for the report's Fig. 5
+
+
 def _resize_labels(mask: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
@@ -154,6 +158,8 @@ def evaluate(
         loader, total=len(loader), description=f"DeepLab eval {split}", enabled=progress and dist.is_main
     ):
         probs = predict_probs(model, img.to(dist.device), list(cfg.seg.eval_scales), cfg.seg.eval_flip, cfg.train.amp)
+        if int(idx) < EXAMPLES:  # the report's Fig. 5 shows these beside the pseudo masks
+            save_mask(run.seg.examples / f"{base.ids[int(idx)]}.png", probs.argmax(0).cpu().numpy().astype(np.uint8))
         iu = ConfusionMatrix.inter_union(cm.update(probs.argmax(0), mask[0].to(dist.device)))
         if cfg.seg.eval_crf:
             q = dense_crf(base.image(int(idx)), probs.cpu().numpy().astype(np.float32), cfg.crf)
