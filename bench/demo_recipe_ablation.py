@@ -40,6 +40,8 @@ VARIANTS = {
         "data.crop_tags=keep",
     ],
     "last epoch, Adam kept": ["train.keep=last", "train.reset_optimizer_at_unfreeze=false"],
+    "no v-flip, no transposition": ["data.vflip=0.0", "data.rot90=0.0"],
+    "old colour jitter, no grayscale": ["data.grayscale=0.0", "data.color_jitter=[0.3, 0.3, 0.3, 0.1]"],
 }
 
 
@@ -48,14 +50,18 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", type=Path, default=Path("/tmp/tkpbench-ablation"))
     p.add_argument("--data", type=Path, default=REPO / "data" / "demo" / "VOC2012")
+    p.add_argument("--variants", default="", help="comma-separated indices into VARIANTS (default: all)")
     args = p.parse_args()
+    chosen = {int(i) for i in args.variants.split(",") if i.strip()} or set(range(len(VARIANTS)))
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
     t0 = time.perf_counter()
-    for label, ov in VARIANTS.items():
+    for n, (label, ov) in enumerate(VARIANTS.items()):
+        if n not in chosen:
+            continue
         vals = []
         for seed in seeds:
-            name = f"abl{list(VARIANTS).index(label)}-s{seed}"
+            name = f"abl{n}-s{seed}"
             overrides = [f"data.root={args.data}", f"train.seed={seed}", f"name={name}", *ov]
             with contextlib.redirect_stdout(io.StringIO()):
                 run_chain(REPO / "configs" / "demo.toml", overrides, args.out / "runs", args.out / "results", 1, seg=False)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -78,6 +77,7 @@ def main() -> int:
     import torch
 
     from tkpbench.hv_bilstm import HVBiLSTM
+    from tkpbench.records import machine_info
 
     torch.set_num_threads(args.threads)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
@@ -118,7 +118,7 @@ def main() -> int:
         "tkpbench_over_keras": statistics.median(t_ours) / statistics.median(t_keras),
         "torch": torch.__version__,
         "tensorflow": tf.__version__,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine_info(),
         "command": " ".join(sys.argv),
     }
     print(json.dumps(rec))
