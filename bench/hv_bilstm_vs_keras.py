@@ -2,15 +2,16 @@
 
 ViT-PCM's layer (its ``model.py``): dropout, then ``TimeDistributed(Bidirectional(LSTM(192,
 return_sequences=True)))`` along the rows and the same on the transposed grid for the columns,
-concatenated. This script builds it in Keras with tkpbench's weights copied over, checks that the
-outputs agree, then times forward + backward of both on one CPU thread (dropout off in both, so
-the numbers can be compared) and prints a JSON line per layout with the machine.
+concatenated. This script times forward + backward of tkpbench's layer on one CPU thread (dropout
+off), saves its weights, input and output, then runs the Keras layer with those weights in a
+second process (TensorFlow and torch in one process crash at these shapes: both bring their own
+oneDNN/OpenMP), checks that the outputs agree and times it the same way. Prints one JSON line.
 
-TensorFlow is not a tkpbench dependency: run this with an interpreter that has both torch and
-tensorflow-cpu, e.g. a separate virtual environment:
+TensorFlow is not a tkpbench dependency: give an interpreter that has tensorflow-cpu and numpy,
+e.g. a separate virtual environment:
 
-    python -m venv /tmp/tfvenv && /tmp/tfvenv/bin/pip install tensorflow-cpu torch
-    /tmp/tfvenv/bin/python bench/hv_bilstm_vs_keras.py --batch 2 --grid 24
+    python -m venv /tmp/tfvenv && /tmp/tfvenv/bin/pip install tensorflow-cpu
+    .venv/bin/python bench/hv_bilstm_vs_keras.py --tf-python /tmp/tfvenv/bin/python
 """
 
 from __future__ import annotations
@@ -19,38 +20,13 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-
-def keras_layer(tf, hidden: int):
-    from tensorflow.keras.layers import LSTM, Bidirectional, TimeDistributed
-
-    rows = TimeDistributed(Bidirectional(LSTM(hidden, return_sequences=True)))
-    cols = TimeDistributed(Bidirectional(LSTM(hidden, return_sequences=True)))
-
-    def call(x):
-        h = rows(x)
-        v = tf.transpose(cols(tf.transpose(x, (0, 2, 1, 3))), (0, 2, 1, 3))
-        return tf.concat([h, v], axis=-1)
-
-    return rows, cols, call
-
-
-def copy_weights(torch_lstm, keras_td) -> None:
-    """nn.LSTM (bidirectional) -> Keras Bidirectional(LSTM): kernel = W_ih^T, recurrent = W_hh^T,
-    bias = b_ih + b_hh; both use the gate order i, f, g (c), o."""
-    bi = keras_td.layer
-    for keras_lstm, sfx in ((bi.forward_layer, ""), (bi.backward_layer, "_reverse")):
-        w_ih = getattr(torch_lstm, f"weight_ih_l0{sfx}").detach().numpy()
-        w_hh = getattr(torch_lstm, f"weight_hh_l0{sfx}").detach().numpy()
-        b = (getattr(torch_lstm, f"bias_ih_l0{sfx}") + getattr(torch_lstm, f"bias_hh_l0{sfx}")).detach().numpy()
-        keras_lstm.set_weights([w_ih.T, w_hh.T, b])
 
 
 def timed(fn, reps: int) -> list[float]:
@@ -63,6 +39,45 @@ def timed(fn, reps: int) -> list[float]:
     return out
 
 
+def keras_side(npz: Path, reps: int, threads: int) -> dict:
+    """Runs in the TensorFlow interpreter: no torch here."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow.keras.layers import LSTM, Bidirectional, TimeDistributed
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    d = np.load(npz)
+    hidden = int(d["hidden"])
+    rows = TimeDistributed(Bidirectional(LSTM(hidden, return_sequences=True)))
+    cols = TimeDistributed(Bidirectional(LSTM(hidden, return_sequences=True)))
+
+    def call(x):
+        h = rows(x)
+        v = tf.transpose(cols(tf.transpose(x, (0, 2, 1, 3))), (0, 2, 1, 3))
+        return tf.concat([h, v], axis=-1)
+
+    x = tf.constant(d["x"])
+    call(x)  # builds the layers
+    # nn.LSTM -> Keras LSTM: kernel = W_ih^T, recurrent = W_hh^T, bias = b_ih + b_hh (gate order i, f, g/c, o)
+    for layer, name in ((rows, "horizontal"), (cols, "vertical")):
+        for keras_lstm, sfx in ((layer.layer.forward_layer, ""), (layer.layer.backward_layer, "_reverse")):
+            w_ih, w_hh = d[f"{name}.weight_ih_l0{sfx}"], d[f"{name}.weight_hh_l0{sfx}"]
+            b = d[f"{name}.bias_ih_l0{sfx}"] + d[f"{name}.bias_hh_l0{sfx}"]
+            keras_lstm.set_weights([w_ih.T, w_hh.T, b])
+    diff = float(np.abs(call(x).numpy() - d["out"]).max())
+    variables = rows.trainable_variables + cols.trainable_variables
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(call(x))
+        return tape.gradient(loss, variables)
+
+    return {"max_abs_diff_forward": diff, "keras_s": timed(step, reps), "tensorflow": tf.__version__}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=2)
@@ -71,56 +86,58 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=192)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tf-python", default="", help="an interpreter with tensorflow-cpu (runs the Keras side)")
+    p.add_argument("--keras-side", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.keras_side:
+        print(json.dumps(keras_side(args.keras_side, args.reps, args.threads)))
+        return 0
 
-    import tensorflow as tf
+    import numpy as np
     import torch
 
+    sys.path.insert(0, str(REPO))
     from tkpbench.hv_bilstm import HVBiLSTM
     from tkpbench.records import machine_info
 
     torch.set_num_threads(args.threads)
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
     torch.manual_seed(0)
     ours = HVBiLSTM(args.dim, args.hidden, dropout=0.0).train()
     x = torch.randn(args.batch, args.grid, args.grid, args.dim)
-
-    rows, cols, call = keras_layer(tf, args.hidden)
-    xt = tf.constant(x.numpy())
-    call(xt)  # builds the layers
-    copy_weights(ours.horizontal, rows)
-    copy_weights(ours.vertical, cols)
-    diff = float(abs(call(xt).numpy() - ours(x).detach().numpy()).max())
-
-    keras_vars = rows.trainable_variables + cols.trainable_variables
-
-    @tf.function
-    def keras_step():
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(call(xt))
-        return tape.gradient(loss, keras_vars)
 
     def torch_step():
         ours.zero_grad(set_to_none=True)
         ours(x).sum().backward()
 
-    t_keras = timed(keras_step, args.reps)
     t_ours = timed(torch_step, args.reps)
     rec = {
         "what": "HV-BiLSTM forward + backward, dropout off",
         "shape": [args.batch, args.grid, args.grid, args.dim],
         "hidden": args.hidden,
         "threads": args.threads,
-        "max_abs_diff_forward": diff,
-        "keras_s_median": statistics.median(t_keras),
         "tkpbench_s_median": statistics.median(t_ours),
-        "tkpbench_over_keras": statistics.median(t_ours) / statistics.median(t_keras),
-        "torch": torch.__version__,
-        "tensorflow": tf.__version__,
         "machine": machine_info(),
         "command": " ".join(sys.argv),
     }
+    if args.tf_python:
+        with tempfile.TemporaryDirectory() as tmp:
+            npz = Path(tmp) / "hv.npz"
+            with torch.no_grad():
+                out = ours(x).numpy()
+            sd = {k: v.numpy() for k, v in ours.state_dict().items()}
+            np.savez(npz, x=x.numpy(), out=out, hidden=args.hidden, **sd)
+            cmd = [args.tf_python, __file__, "--keras-side", str(npz), "--reps", str(args.reps), "--threads", str(args.threads)]
+            res = subprocess.run(cmd, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+            if res.returncode:
+                print(res.stderr[-2000:], file=sys.stderr)
+                return res.returncode
+            keras = json.loads(res.stdout.strip().splitlines()[-1])
+        rec.update(
+            max_abs_diff_forward=keras["max_abs_diff_forward"],
+            keras_s_median=statistics.median(keras["keras_s"]),
+            tkpbench_over_keras=statistics.median(t_ours) / statistics.median(keras["keras_s"]),
+            tensorflow=keras["tensorflow"],
+        )
     print(json.dumps(rec))
     return 0
 
