@@ -110,12 +110,16 @@ def main() -> int:
         ours(x).sum().backward()
 
     t_ours = timed(torch_step, args.reps)
+    ours.packed = False  # the same layer through nn.LSTM (oneDNN), as used before the packed CPU path
+    t_lstm = timed(torch_step, args.reps)
+    ours.packed = True
     rec = {
         "what": "HV-BiLSTM forward + backward, dropout off",
         "shape": [args.batch, args.grid, args.grid, args.dim],
         "hidden": args.hidden,
         "threads": args.threads,
         "tkpbench_s_median": statistics.median(t_ours),
+        "tkpbench_nn_lstm_s_median": statistics.median(t_lstm),
         "machine": machine_info(),
         "command": " ".join(sys.argv),
     }
@@ -127,7 +131,9 @@ def main() -> int:
             sd = {k: v.numpy() for k, v in ours.state_dict().items()}
             np.savez(npz, x=x.numpy(), out=out, hidden=args.hidden, **sd)
             cmd = [args.tf_python, __file__, "--keras-side", str(npz), "--reps", str(args.reps), "--threads", str(args.threads)]
-            res = subprocess.run(cmd, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+            res = subprocess.run(
+                cmd, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            )
             if res.returncode:
                 print(res.stderr[-2000:], file=sys.stderr)
                 return res.returncode
