@@ -87,7 +87,8 @@ class TKPViews:
     def __call__(self, img: Tensor, mask: Tensor | None = None) -> tuple[Tensor, ...]:
         s = self.size
         resized = TF.resize(img, [s, s], antialias=True)
-        main = TF.resize(self._main_crop(img, mask), [s, s], antialias=True) if self.cfg.rrc_p else resized
+        crop = self._main_crop(img, mask)
+        main = resized if crop is img else TF.resize(crop, [s, s], antialias=True)
         flags = self._flags()
         main = dihedral(self._colour(main)[None], flags[None])[0]
         out = self.normalize(tv_tensors.Image(main))
