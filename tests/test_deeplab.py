@@ -131,3 +131,26 @@ def test_deeplab_param_groups_and_msc_outputs():
     outs = m.train()(x, msc_scales=[0.5, 0.75])
     assert [tuple(o.shape[-2:]) for o in outs] == [(64, 64), (32, 32), (48, 48), (64, 64)]
     assert torch.all(outs[-1] >= outs[0])
+
+
+def test_msc_loss_sums_the_four_outputs_against_labels_at_their_size(synth_root):
+    """seg.msc_scales (DeepLab-v2's MSC training): the loss is the sum of the cross-entropies of scale
+    1, each scale (labels resized nearest to its size) and the max fusion."""
+    import torch.nn.functional as F
+
+    from tkpbench.deeplab import resize_labels
+
+    cfg = tiny_config(synth_root / "VOC2012", seg__msc_scales="[0.5, 0.75]")
+    t = SegTask(cfg, synth_root)
+    torch.manual_seed(0)
+    m = t.build_model().train()
+    img = torch.randn(2, 3, 48, 48)
+    mask = torch.randint(0, 21, (2, 48, 48))
+    mask[:, :4] = 255
+    loss = t.loss(m, (img, mask), torch.device("cpu"))["loss"]
+    outs = m(img, msc_scales=[0.5, 0.75])
+    expected = sum(F.cross_entropy(o, resize_labels(mask, o.shape[-2:]), ignore_index=255) for o in outs)
+    assert len(outs) == 4 and loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    t.cfg.seg.msc_scales = []
+    single = t.loss(m, (img, mask), torch.device("cpu"))["loss"]
+    assert single.item() == pytest.approx(F.cross_entropy(m(img), mask, ignore_index=255).item(), rel=1e-5)

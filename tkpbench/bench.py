@@ -42,7 +42,7 @@ from tkpbench.crf import dense_crf
 from tkpbench.data import VOCSegmentation
 from tkpbench.data.synth import blurred_probs, make_synthetic, render
 from tkpbench.data.transforms import TKPTrainSet, tkp_train_transform
-from tkpbench.deeplab import DeepLabV2
+from tkpbench.deeplab import DeepLabV2, resize_labels
 from tkpbench.distributed import autocast
 from tkpbench.io import atomic_write_json
 from tkpbench.metrics import ConfusionMatrix
@@ -317,17 +317,11 @@ def bench_deeplab(device: torch.device, out: dict) -> None:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 21, (batch, 321, 321), device=device)
         scales = list(SegConfig().msc_scales)  # the default recipe: MSC training, four losses summed
-        ys = {}
-
-        def target(shape):
-            if shape not in ys:
-                ys[shape] = torch.nn.functional.interpolate(y[:, None].float(), size=shape, mode="nearest")[:, 0].long()
-            return ys[shape]
 
         def step():
             with autocast(device, fast):
                 outs = m(x, msc_scales=scales) if scales else [m(x)]
-            sum(torch.nn.functional.cross_entropy(o.float(), target(tuple(o.shape[-2:]))) for o in outs).backward()
+            sum(torch.nn.functional.cross_entropy(o.float(), resize_labels(y, o.shape[-2:])) for o in outs).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 

@@ -102,6 +102,13 @@ class DeepLabV2(nn.Module):
         return [full, *pyramid, torch.stack([full, *up]).amax(0)]
 
 
+def resize_labels(mask: Tensor, size) -> Tensor:
+    """(B, H, W) class indices -> (B, *size), nearest (deeplab-pytorch's labels for each MSC output)."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+
+
 @torch.no_grad()
 def predict_probs(model: nn.Module, img: torch.Tensor, scales: list[float], flip: bool, amp: bool) -> torch.Tensor:
     """Softmax averaged over scales (and flips) at the image's own size. img: (1, 3, H, W) -> (C, H, W)."""

@@ -30,7 +30,7 @@ from tkpbench.config import Config, config_from_dict, dumps
 from tkpbench.crf import dense_crf
 from tkpbench.data.common import save_mask
 from tkpbench.data.transforms import EvalSet, PseudoMaskSet, build_dataset, eval_transform, seg_train_transform
-from tkpbench.deeplab import IMAGENET_MEAN, IMAGENET_STD, DeepLabV2, predict_probs
+from tkpbench.deeplab import IMAGENET_MEAN, IMAGENET_STD, DeepLabV2, predict_probs, resize_labels
 from tkpbench.engine import Task, fit, fused_optimizer, unwrap
 from tkpbench.metrics import ConfusionMatrix
 from tkpbench.progress import track
@@ -113,8 +113,7 @@ class SegTask(Task):
         out = model(img, msc_scales=self.cfg.seg.msc_scales) if self.cfg.seg.msc_scales else [model(img)]
         for logits in out:
             # each output against the labels at its size, nearest (deeplab-pytorch's resize_labels); summed
-            m = mask if logits.shape[-2:] == mask.shape[-2:] else _resize_labels(mask, logits.shape[-2:])
-            term = F.cross_entropy(logits.float(), m, ignore_index=255)
+            term = F.cross_entropy(logits.float(), resize_labels(mask, logits.shape[-2:]), ignore_index=255)
             ce = term if ce is None else ce + term
         return {"loss": ce}
 
@@ -129,10 +128,6 @@ class SegTask(Task):
 
 
 EXAMPLES = 8  # eval images whose DeepLab prediction is kept (seg/examples/) for the report's Fig. 5
-
-
-def _resize_labels(mask: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(mask[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
 
 @torch.no_grad()
