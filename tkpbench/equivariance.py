@@ -41,20 +41,16 @@ def dihedral(x: Tensor, flags: Tensor, inverse: bool = False) -> Tensor:
 
 
 def _lerp_along(x: Tensor, pos: Tensor, dim: int) -> Tensor:
-    """Linear interpolation of x along ``dim`` (2 or 3) at per-sample positions pos (B, size)."""
-    n = x.shape[dim]
+    """Linear interpolation of x (B, C, H, W) along ``dim`` (2 or 3) at per-sample positions pos (B, size)."""
+    xt = x.transpose(dim, -1)  # the interpolated axis last
+    n = xt.shape[-1]
     lo = pos.floor().clamp(0, n - 1)
-    frac = (pos - lo).unsqueeze(1)  # (B, 1, size)
+    frac = (pos - lo)[:, None, None, :]
     lo = lo.long()
     hi = (lo + 1).clamp(max=n - 1)
-    b, c = x.shape[:2]
-    if dim == 2:
-        shape = (b, c, pos.shape[1], x.shape[3])
-        pick = lambda i: x.gather(2, i[:, None, :, None].expand(shape))  # noqa: E731
-        return pick(lo) * (1 - frac[..., None]) + pick(hi) * frac[..., None]
-    shape = (b, c, x.shape[2], pos.shape[1])
-    pick = lambda i: x.gather(3, i[:, None, None, :].expand(shape))  # noqa: E731
-    return pick(lo) * (1 - frac[:, :, None, :]) + pick(hi) * frac[:, :, None, :]
+    shape = (*xt.shape[:-1], pos.shape[1])
+    pick = lambda i: xt.gather(-1, i[:, None, None, :].expand(shape))  # noqa: E731
+    return (pick(lo) * (1 - frac) + pick(hi) * frac).transpose(dim, -1)
 
 
 def crop_resize(x: Tensor, boxes: Tensor, size: int) -> Tensor:

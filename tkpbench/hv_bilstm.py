@@ -59,20 +59,20 @@ class HVBiLSTM(nn.Module):
         return seqs * keep
 
     def _forward(self, x: Tensor, b: int, h: int, w: int, e: int) -> Tensor:
+        rows_in = self._sequence_dropout(x.reshape(b * h, w, e))  # (B*H, W, E), time = W
+        cols_in = self._sequence_dropout(x.transpose(1, 2).reshape(b * w, h, e))  # (B*W, H, E), time = H
         if self.packed and x.device.type == "cpu" and torch.is_grad_enabled():
-            return self._forward_packed(x, b, h, w, e)
-        rows, _ = self.horizontal(self._sequence_dropout(x.reshape(b * h, w, e)))  # (B*H, W, 2*hidden)
+            return self._forward_packed(rows_in, cols_in, b, h, w)
+        rows, _ = self.horizontal(rows_in)  # (B*H, W, 2*hidden)
         rows = rows.reshape(b, h, w, 2 * self.hidden)
-        cols_in = self._sequence_dropout(x.transpose(1, 2).reshape(b * w, h, e))
         cols, _ = self.vertical(cols_in)  # (B*W, H, 2*hidden)
         cols = cols.reshape(b, w, h, 2 * self.hidden).transpose(1, 2)
         return torch.cat([rows, cols], dim=-1)
 
-    def _forward_packed(self, x: Tensor, b: int, h: int, w: int, e: int) -> Tensor:
-        """The same function as ``_forward`` (same dropout draws), faster to train on the CPU."""
+    def _forward_packed(self, rows_in: Tensor, cols_in: Tensor, b: int, h: int, w: int) -> Tensor:
+        """The same function as the two ``nn.LSTM`` calls on the same (dropped-out) sequences, faster
+        to train on the CPU."""
         hid = self.hidden
-        rows_in = self._sequence_dropout(x.reshape(b * h, w, e))  # (B*H, W, E), time = W
-        cols_in = self._sequence_dropout(x.transpose(1, 2).reshape(b * w, h, e))  # (B*W, H, E), time = H
         # time-major input gates (T, N, 4 hidden) of each direction; the backward ones reversed in time
         rf, rb = _input_gates(self.horizontal, rows_in)
         cf, cb = _input_gates(self.vertical, cols_in)

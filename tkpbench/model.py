@@ -123,10 +123,15 @@ def merge_with_tags(z: Tensor, tags: Tensor) -> Tensor:
     return m / m.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def score_grid(z: Tensor, grid: tuple[int, int]) -> Tensor:
+    """z: (B, S, C) patch scores -> the same scores as maps on the patch grid (B, C, h, w)."""
+    b, s, c = z.shape
+    return z.transpose(1, 2).reshape(b, c, *grid)
+
+
 def merged_grid(z: Tensor, grid: tuple[int, int], tags: Tensor) -> Tensor:
     """z: (B, S, C) patch scores -> the tag-merged probabilities on the patch grid (B, C, h, w), fp32."""
-    b, s, c = z.shape
-    return merge_with_tags(z.float().transpose(1, 2).reshape(b, c, *grid), tags)
+    return merge_with_tags(score_grid(z.float(), grid), tags)
 
 
 def upsample_probs(p: Tensor, size: tuple[int, int], align_corners: bool = False) -> Tensor:

@@ -30,7 +30,7 @@ from tkpbench.encoder import encoder_mean_std
 from tkpbench.engine import Task, TrainingError, fit, fused_optimizer, unwrap
 from tkpbench.equivariance import equivariance_loss, mosaic, realign, tiles
 from tkpbench.metrics import ConfusionMatrix
-from tkpbench.model import TKPPCL, TKPOutput, merge_with_tags, patch_masks, tkp_loss
+from tkpbench.model import TKPPCL, TKPOutput, merge_with_tags, patch_masks, score_grid, tkp_loss
 from tkpbench.runs import training_view
 
 
@@ -125,11 +125,11 @@ class TKPTask(Task):
             ref = m(images)
             self.train_mode(model)
         g = ref.grid[0] // 2
-        target = merge_with_tags(realign(ref.z.transpose(1, 2).reshape(b, -1, *ref.grid), geom, et_geom, self.patch, g), tags)
+        target = merge_with_tags(realign(score_grid(ref.z, ref.grid), geom, et_geom, self.patch, g), tags)
         # one forward over the main views and the mosaics (both img_size): one DDP call per step
         out = model(torch.cat([images, mosaic(et_images)]))
         main = TKPOutput(z=out.z[:b], y=out.y[:b], features=out.features[:b], grid=out.grid)
-        pred = tiles(out.z[b:].transpose(1, 2).reshape(b // 4, -1, *out.grid))
+        pred = tiles(score_grid(out.z[b:], out.grid))
         return tkp_loss(main, tags, self.cfg.model, et=equivariance_loss(pred, target), classifier_weight=weight)
 
     def eval_due(self, epoch_done: int) -> bool:
