@@ -3,9 +3,11 @@
 ViT-PCM's layer (its ``model.py``): dropout, then ``TimeDistributed(Bidirectional(LSTM(192,
 return_sequences=True)))`` along the rows and the same on the transposed grid for the columns,
 concatenated. This script times forward + backward of tkpbench's layer on one CPU thread (dropout
-off), saves its weights, input and output, then runs the Keras layer with those weights in a
-second process (TensorFlow and torch in one process crash at these shapes: both bring their own
-oneDNN/OpenMP), checks that the outputs agree and times it the same way. Prints one JSON line.
+off; ``--input-grad`` adds the gradient to the input, as in training with the encoder unfrozen),
+saves its weights, input, output and weight gradients, then runs the Keras layer with those
+weights in a second process (TensorFlow and torch in one process crash at these shapes: both bring
+their own oneDNN/OpenMP), checks that the outputs and the gradients agree and times it the same
+way. Prints one JSON line.
 
 TensorFlow is not a tkpbench dependency: give an interpreter that has tensorflow-cpu and numpy,
 e.g. a separate virtual environment:
@@ -39,7 +41,7 @@ def timed(fn, reps: int) -> list[float]:
     return out
 
 
-def keras_side(npz: Path, reps: int, threads: int) -> dict:
+def keras_side(npz: Path, reps: int, threads: int, input_grad: bool) -> dict:
     """Runs in the TensorFlow interpreter: no torch here."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
@@ -58,7 +60,7 @@ def keras_side(npz: Path, reps: int, threads: int) -> dict:
         v = tf.transpose(cols(tf.transpose(x, (0, 2, 1, 3))), (0, 2, 1, 3))
         return tf.concat([h, v], axis=-1)
 
-    x = tf.constant(d["x"])
+    x = tf.Variable(d["x"]) if input_grad else tf.constant(d["x"])
     call(x)  # builds the layers
     # nn.LSTM -> Keras LSTM: kernel = W_ih^T, recurrent = W_hh^T, bias = b_ih + b_hh (gate order i, f, g/c, o)
     for layer, name in ((rows, "horizontal"), (cols, "vertical")):
@@ -67,7 +69,22 @@ def keras_side(npz: Path, reps: int, threads: int) -> dict:
             b = d[f"{name}.bias_ih_l0{sfx}"] + d[f"{name}.bias_hh_l0{sfx}"]
             keras_lstm.set_weights([w_ih.T, w_hh.T, b])
     diff = float(np.abs(call(x).numpy() - d["out"]).max())
-    variables = rows.trainable_variables + cols.trainable_variables
+    # the same gradients: Keras kernel = W_ih^T, recurrent kernel = W_hh^T, bias = b_ih (= b_hh) gradient
+    pairs = [
+        (var, f"grad.{name}.{kind}_l0{sfx}")
+        for layer, name in ((rows, "horizontal"), (cols, "vertical"))
+        for keras_lstm, sfx in ((layer.layer.forward_layer, ""), (layer.layer.backward_layer, "_reverse"))
+        for var, kind in (
+            (keras_lstm.cell.kernel, "weight_ih"),
+            (keras_lstm.cell.recurrent_kernel, "weight_hh"),
+            (keras_lstm.cell.bias, "bias_ih"),
+        )
+    ]
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(call(x))
+    grads = tape.gradient(loss, [v for v, _ in pairs])
+    grad_diff = max(float(np.abs(g.numpy() - d[k].T).max() / np.abs(d[k]).max()) for g, (_, k) in zip(grads, pairs))
+    variables = rows.trainable_variables + cols.trainable_variables + ([x] if input_grad else [])
 
     @tf.function
     def step():
@@ -75,7 +92,12 @@ def keras_side(npz: Path, reps: int, threads: int) -> dict:
             loss = tf.reduce_sum(call(x))
         return tape.gradient(loss, variables)
 
-    return {"max_abs_diff_forward": diff, "keras_s": timed(step, reps), "tensorflow": tf.__version__}
+    return {
+        "max_abs_diff_forward": diff,
+        "max_rel_diff_grads": grad_diff,
+        "keras_s": timed(step, reps),
+        "tensorflow": tf.__version__,
+    }
 
 
 def main() -> int:
@@ -86,11 +108,14 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=192)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--input-grad", action="store_true", help="also the gradient to the input (training with the encoder unfrozen)"
+    )
     p.add_argument("--tf-python", default="", help="an interpreter with tensorflow-cpu (runs the Keras side)")
     p.add_argument("--keras-side", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.keras_side:
-        print(json.dumps(keras_side(args.keras_side, args.reps, args.threads)))
+        print(json.dumps(keras_side(args.keras_side, args.reps, args.threads, args.input_grad)))
         return 0
 
     import numpy as np
@@ -98,15 +123,16 @@ def main() -> int:
 
     sys.path.insert(0, str(REPO))
     from tkpbench.hv_bilstm import HVBiLSTM
-    from tkpbench.records import machine_info
+    from tkpbench.records import git_commit, machine_info
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ours = HVBiLSTM(args.dim, args.hidden, dropout=0.0).train()
-    x = torch.randn(args.batch, args.grid, args.grid, args.dim)
+    x = torch.randn(args.batch, args.grid, args.grid, args.dim, requires_grad=args.input_grad)
 
     def torch_step():
         ours.zero_grad(set_to_none=True)
+        x.grad = None
         ours(x).sum().backward()
 
     t_ours = timed(torch_step, args.reps)
@@ -114,23 +140,26 @@ def main() -> int:
     t_lstm = timed(torch_step, args.reps)
     ours.packed = True
     rec = {
-        "what": "HV-BiLSTM forward + backward, dropout off",
+        "what": "HV-BiLSTM forward + backward, dropout off" + (", with the input's gradient" if args.input_grad else ""),
         "shape": [args.batch, args.grid, args.grid, args.dim],
         "hidden": args.hidden,
         "threads": args.threads,
         "tkpbench_s_median": statistics.median(t_ours),
         "tkpbench_nn_lstm_s_median": statistics.median(t_lstm),
         "machine": machine_info(),
+        "commit": git_commit(),
         "command": " ".join(sys.argv),
     }
     if args.tf_python:
         with tempfile.TemporaryDirectory() as tmp:
             npz = Path(tmp) / "hv.npz"
-            with torch.no_grad():
-                out = ours(x).numpy()
+            torch_step()  # the training path (grad enabled: the packed path): its output and gradients
+            out = ours(x).detach().numpy()
             sd = {k: v.numpy() for k, v in ours.state_dict().items()}
-            np.savez(npz, x=x.numpy(), out=out, hidden=args.hidden, **sd)
+            sd.update({f"grad.{k}": v.grad.numpy() for k, v in ours.named_parameters()})
+            np.savez(npz, x=x.detach().numpy(), out=out, hidden=args.hidden, **sd)
             cmd = [args.tf_python, __file__, "--keras-side", str(npz), "--reps", str(args.reps), "--threads", str(args.threads)]
+            cmd += ["--input-grad"] if args.input_grad else []
             res = subprocess.run(
                 cmd, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
             )
@@ -140,6 +169,7 @@ def main() -> int:
             keras = json.loads(res.stdout.strip().splitlines()[-1])
         rec.update(
             max_abs_diff_forward=keras["max_abs_diff_forward"],
+            max_rel_diff_grads=keras["max_rel_diff_grads"],
             keras_s_median=statistics.median(keras["keras_s"]),
             tkpbench_over_keras=statistics.median(t_ours) / statistics.median(keras["keras_s"]),
             tensorflow=keras["tensorflow"],

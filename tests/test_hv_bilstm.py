@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from tkpbench.hv_bilstm import HVBiLSTM
+from tkpbench.hv_bilstm import HVBiLSTM, _tanh_
 
 
 def test_output_shape_is_four_times_hidden():
@@ -29,31 +30,58 @@ def test_images_of_a_batch_do_not_mix():
     assert x.grad[0].abs().sum() == 0 and x.grad[2].abs().sum() == 0 and x.grad[1].abs().sum() > 0
 
 
-def _grads(m, x):
+def _grads(m, x, input_grad=True):
     m.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
+    x = x.clone().requires_grad_(input_grad)
     torch.manual_seed(7)  # the same dropout draws for both implementations
     out = m(x)
     (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
     return out.detach(), x.grad, {k: p.grad for k, p in m.named_parameters()}
 
 
-import pytest  # noqa: E402
-
-
-@pytest.mark.parametrize("shape", [(2, 5, 5), (3, 4, 6)])
-def test_packed_cpu_training_path_equals_nn_lstm_in_outputs_and_gradients(shape):
-    """CPU training runs the four recurrences packed (two GEMMs, one batched step); it must be the
-    same function as the two nn.LSTM calls, with the same sequence-dropout draws, square grid or not."""
+@pytest.mark.parametrize(
+    "shape,trained",
+    [((2, 5, 5), "all"), ((3, 4, 6), "all"), ((2, 5, 5), "input only"), ((2, 5, 5), "weights only"), ((1, 1, 3), "all")],
+)
+def test_packed_cpu_training_path_equals_nn_lstm_in_outputs_and_gradients(shape, trained):
+    """CPU training runs the four recurrences packed (one batched step); it must be the same
+    function as the two nn.LSTM calls, with the same sequence-dropout draws, square grid or not,
+    with frozen LSTM weights (only the input's gradient), a frozen encoder (only the weights'), and
+    a one-step sequence."""
     b, h, w = shape
     torch.manual_seed(0)
     m = HVBiLSTM(in_dim=10, hidden=6, dropout=0.0, lstm_dropout=0.3).train()
+    if trained == "input only":
+        m.requires_grad_(False)
     x = torch.randn(b, h, w, 10)
-    out_p, gx_p, g_p = _grads(m, x)
+    out_p, gx_p, g_p = _grads(m, x, input_grad=trained != "weights only")
     m.packed = False
-    out_r, gx_r, g_r = _grads(m, x)
+    out_r, gx_r, g_r = _grads(m, x, input_grad=trained != "weights only")
     torch.testing.assert_close(out_p, out_r, atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(gx_p, gx_r, atol=2e-6, rtol=1e-5)
+    if trained == "weights only":
+        assert gx_p is None and gx_r is None
+    else:
+        torch.testing.assert_close(gx_p, gx_r, atol=2e-6, rtol=1e-5)
     for k in g_r:
-        torch.testing.assert_close(g_p[k], g_r[k], atol=5e-6, rtol=1e-5, msg=k)
+        if trained == "input only":
+            assert g_p[k] is None and g_r[k] is None
+        else:
+            torch.testing.assert_close(g_p[k], g_r[k], atol=5e-6, rtol=1e-5, msg=k)
     assert not torch.equal(out_p, HVBiLSTM(10, 6, 0.0, 0.0)(x).detach())  # a different model differs
+
+
+def test_packed_path_refuses_a_second_backward_through_the_same_graph():
+    """Its backward writes the gates' gradients over the saved activations, so a second backward
+    (retain_graph) would be silently wrong: it must stop with an error instead."""
+    m = HVBiLSTM(in_dim=4, hidden=3, dropout=0.0).train()
+    out = m(torch.randn(1, 3, 3, 4)).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward twice"):
+        out.backward()
+
+
+def test_tanh_through_sigmoid_matches_torch_tanh():
+    x = torch.cat([torch.linspace(-30, 30, 200_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-4])])
+    y = _tanh_(x.clone())
+    assert (y - torch.tanh(x)).abs().max() <= 2e-7
+    assert y.abs().max() <= 1.0 and torch.equal(torch.sign(y[x.abs() > 1e-3]), torch.sign(x[x.abs() > 1e-3]))

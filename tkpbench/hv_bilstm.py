@@ -5,13 +5,14 @@ All rows of all images form one batch of sequences and all columns another, so t
 Python loop over rows or columns. Two implementations, the same parameters (two ``nn.LSTM``):
 
 * ``nn.LSTM`` (cuDNN on the GPU, oneDNN on the CPU): inference, and training on the GPU;
-* CPU training (``_forward_packed``): the input projections of all four recurrences (rows and
-  columns, both directions) are two large GEMMs, and on a square grid the four recurrences step
-  together in one batched matmul per time step, with a hand-written backward. At the paper's
-  shapes (2 x 24 x 24 x 768 -> 4 x 192, one thread) forward + backward is about 10% faster than
-  through ``nn.LSTM`` and still about 13% slower than Keras 2.15's layer (``bench/hv-bilstm-cpu.md``);
-  outputs and gradients agree with ``nn.LSTM`` to about 2e-6 (``tests/test_hv_bilstm.py``).
-  Inference stays on ``nn.LSTM``: oneDNN's forward is faster than the packed one.
+* CPU training (``_forward_packed``, ``_BiLSTMs``): on a square grid the four recurrences (rows
+  and columns, both directions) step together in one batched matmul per time step, with a
+  hand-written backward, all in one (S, T, N, .) layout with few temporaries. At the paper's
+  shapes (2 x 24 x 24 x 768 -> 4 x 192, one thread) forward + backward takes about 0.17 s against
+  0.18 s for ViT-PCM's Keras 2.15 layer and 0.24 s through ``nn.LSTM`` (``bench/hv-bilstm-cpu.md``);
+  the GEMMs are ~90% of it, at this core's matmul peak. Outputs and gradients agree with
+  ``nn.LSTM`` to about 2e-6 (``tests/test_hv_bilstm.py``) and with Keras to 1.5e-6 (outputs) and
+  5e-7 (relative, gradients). Inference stays on ``nn.LSTM``: oneDNN's forward is faster.
 """
 
 from __future__ import annotations
@@ -73,93 +74,139 @@ class HVBiLSTM(nn.Module):
         """The same function as the two ``nn.LSTM`` calls on the same (dropped-out) sequences, faster
         to train on the CPU."""
         hid = self.hidden
-        # time-major input gates (T, N, 4 hidden) of each direction; the backward ones reversed in time
-        rf, rb = _input_gates(self.horizontal, rows_in)
-        cf, cb = _input_gates(self.vertical, cols_in)
-        if h == w:  # one recurrence for all four (rows and columns have the same length and count)
-            o = _recurrence(torch.stack([rf, rb.flip(0), cf, cb.flip(0)], 1), _recurrent_weights(self.horizontal, self.vertical))
-            fr, br, fc, bc = o.unbind(1)
+        if h == w:  # one call for all four recurrences (rows and columns have the same length and count)
+            fr, br, fc, bc = _BiLSTMs.apply(2, *_weights(self.horizontal, self.vertical), rows_in, cols_in).unbind(0)
         else:
-            fr, br = _recurrence(torch.stack([rf, rb.flip(0)], 1), _recurrent_weights(self.horizontal)).unbind(1)
-            fc, bc = _recurrence(torch.stack([cf, cb.flip(0)], 1), _recurrent_weights(self.vertical)).unbind(1)
+            fr, br = _BiLSTMs.apply(1, *_weights(self.horizontal), rows_in).unbind(0)
+            fc, bc = _BiLSTMs.apply(1, *_weights(self.vertical), cols_in).unbind(0)
         as_rows = lambda t: t.reshape(w, b, h, hid).permute(1, 2, 0, 3)  # noqa: E731  (W, B*H, .) -> (B, H, W, .)
         as_cols = lambda t: t.reshape(h, b, w, hid).permute(1, 0, 2, 3)  # noqa: E731  (H, B*W, .) -> (B, H, W, .)
         return torch.cat([as_rows(fr), as_rows(br.flip(0)), as_cols(fc), as_cols(bc.flip(0))], dim=-1)
 
 
-def _input_gates(lstm: nn.LSTM, seqs: Tensor) -> tuple[Tensor, Tensor]:
-    """(N, T, E) -> the forward and backward directions' input gates (T, N, 4h), both biases
-    included, from one GEMM over the time-major input."""
-    n, t, e = seqs.shape
-    weight = torch.cat([lstm.weight_ih_l0, lstm.weight_ih_l0_reverse])
-    bias = torch.cat([lstm.bias_ih_l0 + lstm.bias_hh_l0, lstm.bias_ih_l0_reverse + lstm.bias_hh_l0_reverse])
-    g = torch.addmm(bias, seqs.transpose(0, 1).reshape(t * n, e), weight.t()).view(t, n, 2, -1)
-    fwd, bwd = g.unbind(2)  # unbind: one backward stack, no zero-filled gradients
-    return fwd, bwd
+def _weights(*lstms: nn.LSTM) -> list[Tensor]:
+    """For the forward and backward direction of each LSTM, in that order (S of them): the recurrent
+    kernels stacked (S, 4h, h), then the S input kernels (4h, E), then the S summed biases (4h)."""
+    dirs = [(m, d) for m in lstms for d in ("l0", "l0_reverse")]
+    w_hh = torch.stack([getattr(m, f"weight_hh_{d}") for m, d in dirs])
+    w_ih = [getattr(m, f"weight_ih_{d}") for m, d in dirs]
+    bias = [getattr(m, f"bias_ih_{d}") + getattr(m, f"bias_hh_{d}") for m, d in dirs]
+    return [w_hh, *w_ih, *bias]
 
 
-def _recurrent_weights(*lstms: nn.LSTM) -> Tensor:
-    """(S, h, 4h): the recurrent kernels of the forward and backward direction of each LSTM."""
-    return torch.stack([w for m in lstms for w in (m.weight_hh_l0, m.weight_hh_l0_reverse)]).transpose(1, 2)
+class _BiLSTMs(torch.autograd.Function):
+    """Bidirectional LSTMs over K sets of sequences (each (N, T, E), all the same shape), run as
+    S = 2K recurrences stepped together, zero initial state, PyTorch's gate order (i, f, g, o).
 
-
-def _recurrence(gates_in: Tensor, w_hh: Tensor) -> Tensor:
-    """LSTM recurrences stepped together: gates_in (T, S, N, 4h) (PyTorch's gate order i, f, g, o),
-    w_hh (S, h, 4h); zero initial state. Returns the hidden states (T, S, N, h)."""
-    return _Recurrence.apply(gates_in, w_hh)
-
-
-class _Recurrence(torch.autograd.Function):
-    """The LSTM recurrence with a hand-written backward: the loop runs over time steps only, as any
-    recurrence must; per step one batched matmul forward and one backward; the recurrent kernels'
-    gradient is a single matmul over all steps after the loop, and the input gates' gradient is
-    written in place, step by step (no per-step autograd graph, no concatenations)."""
+    Arguments: K, then ``_weights``'s list, then the K sets. Returns the hidden states (S, T, N, h);
+    recurrence 2k runs over sequence set k forward in time, recurrence 2k + 1 backward (its time
+    axis reversed). Layout (S, T, N, .) throughout: the input projection is one GEMM per
+    recurrence into one buffer (the kernels are not copied into a stack), each time step one
+    batched matmul on (S, N, .) slices, and the kernels' gradients are computed after the loop, each
+    with one matmul over all steps. The gate activations are computed in place in the projection's
+    buffer, and the backward writes the gates' gradients over them, step by step (no per-step
+    autograd graph, no concatenation, few temporaries: at these sizes each fresh buffer costs page
+    faults). Hence one backward per forward: a second one (``retain_graph``) raises."""
 
     @staticmethod
-    def forward(ctx, gates_in: Tensor, w_hh: Tensor) -> Tensor:
-        t_len, s, n, four_h = gates_in.shape
+    def forward(ctx, k: int, w_hh: Tensor, *args: Tensor) -> Tensor:
+        s = 2 * k
+        w_ih, bias, seqs = args[:s], args[s : 2 * s], args[2 * s :]
+        n, t_len, e = seqs[0].shape
+        four_h = w_hh.shape[1]
         h = four_h // 4
-        acts = torch.empty_like(gates_in)  # i, f, g, o after their nonlinearities
-        cells = gates_in.new_empty(t_len, s, n, h)
-        hidden = gates_in.new_empty(t_len + 1, s, n, h)  # hidden[0] is the zero initial state
-        hidden[0].zero_()
-        c = gates_in.new_zeros(s, n, h)
+        x = _time_major(seqs).view(s, t_len * n, e)  # (S, T * N, E), row t * N + n
+        gates = x.new_empty(s, t_len, n, four_h)
+        for r in range(s):  # S = 2 or 4 recurrences: one GEMM each
+            torch.addmm(bias[r], x[r], w_ih[r].t(), out=gates[r].view(t_len * n, four_h))
+        cells = gates.new_empty(s, t_len, n, h)
+        tanh_c = torch.empty_like(cells)
+        hidden = gates.new_empty(s, t_len + 1, n, h)  # hidden[:, 0] is the zero initial state
+        hidden[:, 0].zero_()
+        w_hh_t = w_hh.transpose(1, 2)
         for t in range(t_len):
-            a = torch.baddbmm(gates_in[t], hidden[t], w_hh, out=acts[t])
-            torch.sigmoid(a[..., : 2 * h], out=a[..., : 2 * h])
-            torch.tanh(a[..., 2 * h : 3 * h], out=a[..., 2 * h : 3 * h])
-            torch.sigmoid(a[..., 3 * h :], out=a[..., 3 * h :])
+            a = gates[:, t]  # (S, N, 4h): becomes the activations i, f, g, o
+            if t:
+                a.baddbmm_(hidden[:, t], w_hh_t)
+            a[..., : 2 * h].sigmoid_()
+            _tanh_(a[..., 2 * h : 3 * h])
+            a[..., 3 * h :].sigmoid_()
             i, f, g, o = a.split(h, dim=-1)
-            c = torch.addcmul(f * c, i, g, out=cells[t])
-            torch.mul(o, torch.tanh(c), out=hidden[t + 1])
-        ctx.save_for_backward(acts, cells, hidden, w_hh)
-        return hidden[1:]
+            c = cells[:, t]
+            if t:
+                torch.mul(f, cells[:, t - 1], out=c).addcmul_(i, g)
+            else:
+                torch.mul(i, g, out=c)
+            torch.mul(o, _tanh_(tanh_c[:, t].copy_(c)), out=hidden[:, t + 1])
+        ctx.save_for_backward(x, w_hh, gates, cells, tanh_c, hidden, *w_ih)
+        ctx.used = False
+        return hidden[:, 1:]
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        acts, cells, hidden, w_hh = ctx.saved_tensors
-        t_len, s, n, h = cells.shape
-        d_gates = torch.empty_like(acts)
+        if ctx.used:  # the gates' buffer holds their gradients now
+            raise RuntimeError("HVBiLSTM's packed CPU path cannot run backward twice (retain_graph)")
+        ctx.used = True
+        x, w_hh, acts, cells, tanh_c, hidden, *w_ih = ctx.saved_tensors
+        s, t_len, n, h = cells.shape
+        needs = ctx.needs_input_grad[2:]  # the input kernels', the biases', the sequence sets'
+        k = s // 2
         dh = grad_out.new_zeros(s, n, h)
         dc = grad_out.new_zeros(s, n, h)
-        w_t = w_hh.transpose(1, 2)
+        prods = acts.new_empty(s, n, 4 * h)  # dL/d(activation) of i, f, g, o
+        deriv = torch.empty_like(prods)  # the activations' derivatives
+        tmp = dc.new_empty(s, n, h)
         for t in reversed(range(t_len)):
-            i, f, g, o = acts[t].split(h, dim=-1)
-            dh = dh + grad_out[t]
-            tc = torch.tanh(cells[t])
-            dc = dc + dh * o * (1 - tc * tc)
-            c_prev = cells[t - 1] if t > 0 else torch.zeros_like(dc)
-            di, df, dg, do = d_gates[t].split(h, dim=-1)
-            torch.mul(dc * g, i * (1 - i), out=di)
-            torch.mul(dc * c_prev, f * (1 - f), out=df)
-            torch.mul(dc * i, 1 - g * g, out=dg)
-            torch.mul(dh * tc, o * (1 - o), out=do)
-            dh = torch.bmm(d_gates[t], w_t)  # to the previous step's hidden state
-            dc = dc * f
-        # dL/dW_hh = sum over steps of h_{t-1}^T dgates_t: one matmul over all steps and sequences
-        prev = hidden[:-1].permute(1, 3, 0, 2).reshape(s, h, t_len * n)
-        d_w = torch.bmm(prev, d_gates.permute(1, 0, 2, 3).reshape(s, t_len * n, 4 * h))
-        return d_gates, d_w
+            a = acts[:, t]
+            i, f, g, o = a.split(h, dim=-1)
+            di, df, dg, do = prods.split(h, dim=-1)
+            dh += grad_out[:, t]
+            tc = tanh_c[:, t]
+            torch.mul(tc, tc, out=tmp).neg_().add_(1).mul_(o)  # o * tanh'(c)
+            dc.addcmul_(dh, tmp)
+            torch.mul(dc, g, out=di)
+            if t:
+                torch.mul(dc, cells[:, t - 1], out=df)
+            else:
+                df.zero_()
+            torch.mul(dc, i, out=dg)
+            torch.mul(dh, tc, out=do)
+            torch.sub(1, a, out=deriv).mul_(a)  # sigmoid' = s (1 - s) for i, f, o
+            dgd = deriv[..., 2 * h : 3 * h]
+            torch.mul(g, g, out=dgd).neg_().add_(1)  # tanh' = 1 - g^2
+            dc.mul_(f)  # to the previous step's cell
+            torch.mul(prods, deriv, out=a)  # a now holds dL/d(gates) of step t
+            if t:
+                torch.bmm(a, w_hh, out=dh)  # to the previous step's hidden state
+        d_gates = acts.view(s, t_len * n, 4 * h)
+        d_w_hh = None
+        if ctx.needs_input_grad[1]:  # sum over steps of dgates_t^T h_{t-1}: one matmul (h_0 = 0 adds nothing)
+            d_w_hh = torch.bmm(d_gates[:, n:].transpose(1, 2), hidden[:, 1:t_len].reshape(s, (t_len - 1) * n, h))
+        d_w_ih = [d_gates[r].t().mm(x[r]) if needs[r] else None for r in range(s)]
+        d_bias = [d_gates[r].sum(0) if needs[s + r] else None for r in range(s)]
+        d_seqs = [None] * k
+        for j in range(k):
+            if needs[2 * s + j]:
+                fwd, bwd = (d_gates[r].mm(w_ih[r]).view(t_len, n, -1) for r in (2 * j, 2 * j + 1))
+                d_seqs[j] = fwd.add_(bwd.flip(0)).transpose(0, 1)
+        return None, d_w_hh, *d_w_ih, *d_bias, *d_seqs
+
+
+def _tanh_(t: Tensor) -> Tensor:
+    """tanh in place as 2 sigmoid(2 t) - 1: about 3x faster than ``torch.tanh`` on the CPU here
+    (its vectorised sigmoid against a slower tanh), within 2e-7 of it."""
+    return t.mul_(2).sigmoid_().mul_(2).sub_(1)
+
+
+def _time_major(seqs: tuple[Tensor, ...]) -> Tensor:
+    """K sets of sequences (N, T, E) -> (2K, T, N, E): each set time-major, then time-reversed."""
+    n, t_len, e = seqs[0].shape
+    x = seqs[0].new_empty(2 * len(seqs), t_len, n, e)
+    rev = torch.arange(t_len - 1, -1, -1, device=x.device)
+    for k, seq in enumerate(seqs):
+        x[2 * k].copy_(seq.transpose(0, 1))
+        torch.index_select(x[2 * k], 0, rev, out=x[2 * k + 1])
+    return x
 
 
 def keras_init_(lstm: nn.LSTM) -> None:
