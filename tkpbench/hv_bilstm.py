@@ -128,16 +128,16 @@ class _BiLSTMs(torch.autograd.Function):
             a = gates[:, t]  # (S, N, 4h): becomes the activations i, f, g, o
             if t:
                 a.baddbmm_(hidden[:, t], w_hh_t)
-            a[..., : 2 * h].sigmoid_()
-            _tanh_(a[..., 2 * h : 3 * h])
-            a[..., 3 * h :].sigmoid_()
             i, f, g, o = a.split(h, dim=-1)
+            g.mul_(2)
+            a.sigmoid_()  # i, f, o, and sigmoid(2 z) for g ...
+            g.mul_(2).sub_(1)  # ... so that g = tanh(z) (as in _tanh)
             c = cells[:, t]
             if t:
                 torch.mul(f, cells[:, t - 1], out=c).addcmul_(i, g)
             else:
                 torch.mul(i, g, out=c)
-            torch.mul(o, _tanh_(tanh_c[:, t].copy_(c)), out=hidden[:, t + 1])
+            torch.mul(o, _tanh(c, out=tanh_c[:, t]), out=hidden[:, t + 1])
         ctx.save_for_backward(x, w_hh, gates, cells, tanh_c, hidden, *w_ih)
         ctx.used = False
         return hidden[:, 1:]
@@ -192,10 +192,10 @@ class _BiLSTMs(torch.autograd.Function):
         return None, d_w_hh, *d_w_ih, *d_bias, *d_seqs
 
 
-def _tanh_(t: Tensor) -> Tensor:
-    """tanh in place as 2 sigmoid(2 t) - 1: about 3x faster than ``torch.tanh`` on the CPU here
-    (its vectorised sigmoid against a slower tanh), within 2e-7 of it."""
-    return t.mul_(2).sigmoid_().mul_(2).sub_(1)
+def _tanh(x: Tensor, out: Tensor) -> Tensor:
+    """tanh as 2 sigmoid(2 x) - 1 into ``out`` (may be ``x``): about 3x faster than ``torch.tanh``
+    on the CPU here (its vectorised sigmoid against a slower tanh), within 2e-7 of it."""
+    return torch.mul(x, 2, out=out).sigmoid_().mul_(2).sub_(1)
 
 
 def _time_major(seqs: tuple[Tensor, ...]) -> Tensor:
