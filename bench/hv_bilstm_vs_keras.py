@@ -100,6 +100,37 @@ def keras_side(npz: Path, reps: int, threads: int, input_grad: bool) -> dict:
     }
 
 
+def summarize(jsonl: Path, commit: str) -> int:
+    """Rounds of this script at one commit, grouped by threads and input gradient: per round the
+    ratio of the fastest repetitions (tkpbench / Keras), then the median over rounds and a 95%
+    Student t interval of the mean log-ratio (rounds are paired in time: ours, then Keras's)."""
+    import math
+
+    from scipy import stats
+
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("commit", "").startswith(commit) and "keras_s_min" in r]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["threads"], "input" in r["what"]), []).append(r)
+    for (threads, dx), rs in sorted(groups.items()):
+        logs = [math.log(r["tkpbench_s_min"] / r["keras_s_min"]) for r in rs]
+        mean = statistics.fmean(logs)
+        lo, hi = (
+            (math.exp(v) for v in stats.t.interval(0.95, len(logs) - 1, mean, stats.sem(logs)))
+            if len(logs) > 1
+            else (math.nan,) * 2
+        )
+        print(
+            f"threads {threads}, input gradient {'yes' if dx else 'no '}: {len(rs)} rounds; "
+            f"tkpbench {statistics.median(r['tkpbench_s_min'] for r in rs):.3f} s, "
+            f"Keras {statistics.median(r['keras_s_min'] for r in rs):.3f} s (fastest repetition, median over rounds), "
+            f"tkpbench through nn.LSTM {statistics.median(r['tkpbench_nn_lstm_s_median'] for r in rs):.3f} s (median); "
+            f"tkpbench / Keras {math.exp(mean):.3f} [{lo:.3f}, {hi:.3f}]"
+        )
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=2)
@@ -113,7 +144,10 @@ def main() -> int:
     )
     p.add_argument("--tf-python", default="", help="an interpreter with tensorflow-cpu (runs the Keras side)")
     p.add_argument("--keras-side", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--summarize", nargs=2, metavar=("JSONL", "COMMIT"), help="summarise recorded rounds of one commit")
     args = p.parse_args()
+    if args.summarize:
+        return summarize(Path(args.summarize[0]), args.summarize[1])
     if args.keras_side:
         print(json.dumps(keras_side(args.keras_side, args.reps, args.threads, args.input_grad)))
         return 0
