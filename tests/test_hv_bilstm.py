@@ -86,3 +86,29 @@ def test_tanh_through_sigmoid_matches_torch_tanh():
     assert torch.equal(_tanh(y0 := x.clone(), out=y0), y)  # in place, the same
     assert (y - torch.tanh(x)).abs().max() <= 2e-7
     assert y.abs().max() <= 1.0 and torch.equal(torch.sign(y[x.abs() > 1e-3]), torch.sign(x[x.abs() > 1e-3]))
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_lstm_dropout_draws_one_mask_per_sequence_and_direction_as_keras_bidirectional(packed):
+    """ViT-PCM's Bidirectional(LSTM(dropout=)) is two Keras LSTM layers, each drawing its own mask
+    per sequence (shared by the time steps). The layer must equal that reference, built from the
+    documented draws (rows forward, rows backward, columns forward, columns backward) and each
+    direction's half of an nn.LSTM output, on both implementations."""
+    b, h, w, e, hid, p = 2, 3, 4, 8, 3, 0.5
+    m = HVBiLSTM(in_dim=e, hidden=hid, dropout=0.0, lstm_dropout=p).train()
+    m.packed = packed
+    x = torch.randn(b, h, w, e)
+    torch.manual_seed(5)
+    out = m(x).detach()
+
+    torch.manual_seed(5)
+    rows, cols = x.reshape(b * h, w, e), x.transpose(1, 2).reshape(b * w, h, e)
+    mr = rows.new_empty(2, b * h, 1, e).bernoulli_(1 - p).div_(1 - p)
+    mc = cols.new_empty(2, b * w, 1, e).bernoulli_(1 - p).div_(1 - p)
+    assert not torch.equal(mr[0], mr[1]) and not torch.equal(mc[0], mc[1])  # the directions' masks differ
+    with torch.no_grad():
+        rf, rb = m.horizontal(rows * mr[0])[0][..., :hid], m.horizontal(rows * mr[1])[0][..., hid:]
+        cf, cb = m.vertical(cols * mc[0])[0][..., :hid], m.vertical(cols * mc[1])[0][..., hid:]
+    as_cols = lambda t: t.reshape(b, w, h, hid).transpose(1, 2)  # noqa: E731
+    ref = torch.cat([rf.reshape(b, h, w, hid), rb.reshape(b, h, w, hid), as_cols(cf), as_cols(cb)], dim=-1)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)

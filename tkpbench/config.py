@@ -39,7 +39,7 @@ class ModelConfig:
     dropout: float = 0.2  # before the HV-BiLSTM and before the classifier
     # The paper is silent on the four below; tkpbench takes ViT-PCM's choices (its authors built on
     # ViT-PCM's code); README, Faithfulness. 0 / "torch" give PyTorch's plain modules.
-    lstm_dropout: float = 0.2  # on each LSTM's inputs, one mask per sequence (Keras LSTM(dropout=))
+    lstm_dropout: float = 0.2  # on each LSTM's inputs, one mask per sequence and direction (Keras LSTM(dropout=))
     encoder_dropout: float = 0.1  # ViT block dropout after attention and in the MLP (vit-keras 0.1)
     init: str = "keras"  # "keras": Glorot / orthogonal LSTMs with forget bias 1, classifier N(0, 0.05); "torch"
     pooling: str = "topk"  # "topk" | "max" | "avg"

@@ -26,9 +26,11 @@ class HVBiLSTM(nn.Module):
 
     Dropout (p = ``dropout``) is applied to the input grid, as in SPEC.md Sec. 1. ``lstm_dropout``
     is Keras's ``LSTM(dropout=)`` as ViT-PCM uses it: in training, each row's (column's) input
-    sequence is multiplied by one Bernoulli mask for all its time steps. Keras draws separate
-    masks for the two directions of a Bidirectional layer; here both directions of a row share
-    one, so that each orientation stays one fused cuDNN/oneDNN call (README, Faithfulness).
+    sequence is multiplied by one Bernoulli mask for all its time steps, and, as in Keras's
+    ``Bidirectional`` (two LSTM layers, each drawing its own), the forward and the backward
+    direction draw separate masks. Four draws per call, in this order: rows forward, rows backward,
+    columns forward, columns backward. Through ``nn.LSTM`` (GPU training) each orientation then
+    takes two calls, one per direction's input, keeping that direction's half of the output.
     """
 
     def __init__(self, in_dim: int = 768, hidden: int = 192, dropout: float = 0.2, lstm_dropout: float = 0.0) -> None:
@@ -51,37 +53,47 @@ class HVBiLSTM(nn.Module):
             # version and GPU, and the recurrences are a small share of the step's FLOPs
             return self._forward(self.dropout(x.float()), b, h, w, e)
 
-    def _sequence_dropout(self, seqs: Tensor) -> Tensor:
-        """(N, T, E): one dropout mask per sequence, shared by its time steps (Keras LSTM dropout)."""
+    def _sequence_dropout(self, seqs: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, T, E) -> the forward and the backward direction's inputs: each with one dropout mask
+        per sequence, shared by its time steps (Keras LSTM dropout), drawn separately for each
+        direction (Keras Bidirectional). Without dropout both are ``seqs`` itself."""
         p = self.lstm_dropout
         if not (self.training and p):
-            return seqs
-        keep = torch.empty_like(seqs[:, :1]).bernoulli_(1.0 - p) / (1.0 - p)
-        return seqs * keep
+            return seqs, seqs
+        masks = seqs.new_empty(2, seqs.shape[0], 1, seqs.shape[2]).bernoulli_(1.0 - p).div_(1.0 - p)
+        return seqs * masks[0], seqs * masks[1]
 
     def _forward(self, x: Tensor, b: int, h: int, w: int, e: int) -> Tensor:
-        rows_in = self._sequence_dropout(x.reshape(b * h, w, e))  # (B*H, W, E), time = W
-        cols_in = self._sequence_dropout(x.transpose(1, 2).reshape(b * w, h, e))  # (B*W, H, E), time = H
+        rows_in = self._sequence_dropout(x.reshape(b * h, w, e))  # 2 x (B*H, W, E), time = W
+        cols_in = self._sequence_dropout(x.transpose(1, 2).reshape(b * w, h, e))  # 2 x (B*W, H, E), time = H
         if self.packed and x.device.type == "cpu" and torch.is_grad_enabled():
             return self._forward_packed(rows_in, cols_in, b, h, w)
-        rows, _ = self.horizontal(rows_in)  # (B*H, W, 2*hidden)
-        rows = rows.reshape(b, h, w, 2 * self.hidden)
-        cols, _ = self.vertical(cols_in)  # (B*W, H, 2*hidden)
-        cols = cols.reshape(b, w, h, 2 * self.hidden).transpose(1, 2)
+        rows = _bidirectional(self.horizontal, *rows_in).reshape(b, h, w, 2 * self.hidden)
+        cols = _bidirectional(self.vertical, *cols_in).reshape(b, w, h, 2 * self.hidden).transpose(1, 2)
         return torch.cat([rows, cols], dim=-1)
 
-    def _forward_packed(self, rows_in: Tensor, cols_in: Tensor, b: int, h: int, w: int) -> Tensor:
-        """The same function as the two ``nn.LSTM`` calls on the same (dropped-out) sequences, faster
+    def _forward_packed(self, rows_in: tuple[Tensor, Tensor], cols_in: tuple[Tensor, Tensor], b: int, h: int, w: int) -> Tensor:
+        """The same function as the ``nn.LSTM`` calls on the same (dropped-out) sequences, faster
         to train on the CPU."""
         hid = self.hidden
         if h == w:  # one call for all four recurrences (rows and columns have the same length and count)
-            fr, br, fc, bc = _BiLSTMs.apply(2, *_weights(self.horizontal, self.vertical), rows_in, cols_in).unbind(0)
+            fr, br, fc, bc = _BiLSTMs.apply(2, *_weights(self.horizontal, self.vertical), *rows_in, *cols_in).unbind(0)
         else:
-            fr, br = _BiLSTMs.apply(1, *_weights(self.horizontal), rows_in).unbind(0)
-            fc, bc = _BiLSTMs.apply(1, *_weights(self.vertical), cols_in).unbind(0)
+            fr, br = _BiLSTMs.apply(1, *_weights(self.horizontal), *rows_in).unbind(0)
+            fc, bc = _BiLSTMs.apply(1, *_weights(self.vertical), *cols_in).unbind(0)
         as_rows = lambda t: t.reshape(w, b, h, hid).permute(1, 2, 0, 3)  # noqa: E731  (W, B*H, .) -> (B, H, W, .)
         as_cols = lambda t: t.reshape(h, b, w, hid).permute(1, 0, 2, 3)  # noqa: E731  (H, B*W, .) -> (B, H, W, .)
         return torch.cat([as_rows(fr), as_rows(br.flip(0)), as_cols(fc), as_cols(bc.flip(0))], dim=-1)
+
+
+def _bidirectional(lstm: nn.LSTM, fwd_in: Tensor, bwd_in: Tensor) -> Tensor:
+    """A bidirectional ``nn.LSTM`` whose two directions read different inputs (their own dropout
+    masks): two calls, each keeping its direction's half. One call when the inputs are the same."""
+    out, _ = lstm(fwd_in)
+    if bwd_in is fwd_in:
+        return out
+    out_b, _ = lstm(bwd_in)
+    return torch.cat([out[..., : lstm.hidden_size], out_b[..., lstm.hidden_size :]], dim=-1)
 
 
 def _weights(*lstms: nn.LSTM) -> list[Tensor]:
@@ -95,12 +107,13 @@ def _weights(*lstms: nn.LSTM) -> list[Tensor]:
 
 
 class _BiLSTMs(torch.autograd.Function):
-    """Bidirectional LSTMs over K sets of sequences (each (N, T, E), all the same shape), run as
-    S = 2K recurrences stepped together, zero initial state, PyTorch's gate order (i, f, g, o).
+    """K bidirectional LSTMs, run as S = 2K recurrences stepped together, zero initial state,
+    PyTorch's gate order (i, f, g, o).
 
-    Arguments: K, then ``_weights``'s list, then the K sets. Returns the hidden states (S, T, N, h);
-    recurrence 2k runs over sequence set k forward in time, recurrence 2k + 1 backward (its time
-    axis reversed). Layout (S, T, N, .) throughout: the input projection is one GEMM per
+    Arguments: K, then ``_weights``'s list, then S sets of sequences (each (N, T, E), all the same
+    shape; the two directions of one LSTM may be given the same tensor). Returns the hidden states
+    (S, T, N, h); recurrence 2k runs over its set forward in time, recurrence 2k + 1 over its set
+    backward (its time axis reversed). Layout (S, T, N, .) throughout: the input projection is one GEMM per
     recurrence into one buffer (the kernels are not copied into a stack), each time step one
     batched matmul on (S, N, .) slices, and the kernels' gradients are computed after the loop, each
     with one matmul over all steps. The gate activations are computed in place in the projection's
@@ -150,7 +163,6 @@ class _BiLSTMs(torch.autograd.Function):
         x, w_hh, acts, cells, tanh_c, hidden, *w_ih = ctx.saved_tensors
         s, t_len, n, h = cells.shape
         needs = ctx.needs_input_grad[2:]  # the input kernels', the biases', the sequence sets'
-        k = s // 2
         dh = grad_out.new_zeros(s, n, h)
         dc = grad_out.new_zeros(s, n, h)
         prods = acts.new_empty(s, n, 4 * h)  # dL/d(activation) of i, f, g, o
@@ -184,11 +196,11 @@ class _BiLSTMs(torch.autograd.Function):
             d_w_hh = torch.bmm(d_gates[:, n:].transpose(1, 2), hidden[:, 1:t_len].reshape(s, (t_len - 1) * n, h))
         d_w_ih = [d_gates[r].t().mm(x[r]) if needs[r] else None for r in range(s)]
         d_bias = [d_gates[r].sum(0) if needs[s + r] else None for r in range(s)]
-        d_seqs = [None] * k
-        for j in range(k):
-            if needs[2 * s + j]:
-                fwd, bwd = (d_gates[r].mm(w_ih[r]).view(t_len, n, -1) for r in (2 * j, 2 * j + 1))
-                d_seqs[j] = fwd.add_(bwd.flip(0)).transpose(0, 1)
+        d_seqs = [None] * s
+        for r in range(s):
+            if needs[2 * s + r]:
+                d = d_gates[r].mm(w_ih[r]).view(t_len, n, -1)
+                d_seqs[r] = (d.flip(0) if r % 2 else d).transpose(0, 1)
         return None, d_w_hh, *d_w_ih, *d_bias, *d_seqs
 
 
@@ -199,13 +211,15 @@ def _tanh(x: Tensor, out: Tensor) -> Tensor:
 
 
 def _time_major(seqs: tuple[Tensor, ...]) -> Tensor:
-    """K sets of sequences (N, T, E) -> (2K, T, N, E): each set time-major, then time-reversed."""
+    """S sets of sequences (N, T, E) -> (S, T, N, E): time-major, the odd ones time-reversed."""
     n, t_len, e = seqs[0].shape
-    x = seqs[0].new_empty(2 * len(seqs), t_len, n, e)
+    x = seqs[0].new_empty(len(seqs), t_len, n, e)
     rev = torch.arange(t_len - 1, -1, -1, device=x.device)
-    for k, seq in enumerate(seqs):
-        x[2 * k].copy_(seq.transpose(0, 1))
-        torch.index_select(x[2 * k], 0, rev, out=x[2 * k + 1])
+    for r, seq in enumerate(seqs):  # S = 2 or 4
+        if r % 2:
+            torch.index_select(seq.transpose(0, 1), 0, rev, out=x[r])
+        else:
+            x[r].copy_(seq.transpose(0, 1))
     return x
 
 
