@@ -113,10 +113,10 @@ class _BiLSTMs(torch.autograd.Function):
     Arguments: K, then ``_weights``'s list, then S sets of sequences (each (N, T, E), all the same
     shape; the two directions of one LSTM may be given the same tensor). Returns the hidden states
     (S, T, N, h); recurrence 2k runs over its set forward in time, recurrence 2k + 1 over its set
-    backward (its time axis reversed). Layout (S, T, N, .) throughout: the input projection is one GEMM per
-    recurrence into one buffer (the kernels are not copied into a stack), each time step one
-    batched matmul on (S, N, .) slices, and the kernels' gradients are computed after the loop, each
-    with one matmul over all steps. The gate activations are computed in place in the projection's
+    backward (its time axis reversed). Layout (S, T, N, .) throughout: the input projection is one
+    GEMM per recurrence into one buffer (the input kernels are not copied into a stack), each time
+    step one batched matmul on (S, N, .) slices, and the kernels' gradients are computed after the
+    loop, each with one matmul over all steps. The gate activations are computed in place in the projection's
     buffer, and the backward writes the gates' gradients over them, step by step (no per-step
     autograd graph, no concatenation, few temporaries: at these sizes each fresh buffer costs page
     faults). Hence one backward per forward: a second one (``retain_graph``) raises."""
