@@ -108,8 +108,17 @@ def summarize(jsonl: Path, commit: str) -> int:
 
     from scipy import stats
 
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    try:
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read {jsonl} as JSON lines of this script's records ({exc})", file=sys.stderr)
+        return 2
     rows = [r for r in rows if r.get("commit", "").startswith(commit) and "keras_s_min" in r]
+    if not rows:
+        print(
+            f"error: {jsonl} has no rounds of commit {commit!r} with Keras timings (run with --tf-python first)", file=sys.stderr
+        )
+        return 2
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["threads"], "input" in r["what"]), []).append(r)
@@ -148,6 +157,11 @@ def main() -> int:
     args = p.parse_args()
     if args.summarize:
         return summarize(Path(args.summarize[0]), args.summarize[1])
+    if args.tf_python and not os.access(args.tf_python, os.X_OK):
+        print(
+            f"error: --tf-python {args.tf_python} is not an executable interpreter (see this script's docstring)", file=sys.stderr
+        )
+        return 2
     if args.keras_side:
         print(json.dumps(keras_side(args.keras_side, args.reps, args.threads, args.input_grad)))
         return 0
