@@ -1,9 +1,14 @@
+import json
+import shutil
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from tkpbench.config import Config, apply_overrides
+from tkpbench.errors import UserError
 from tkpbench.records import StageRecord, write_stage
-from tkpbench.report import build_tables, fig4_sweep, fig5_grid, load_results, main, variant
+from tkpbench.report import build_tables, fig4_sweep, fig5_grid, load_results, main, published, variant
 
 
 def _cfg(pooling, pce, k=6, eps=0.85, synthetic=False, et=False):
@@ -164,8 +169,6 @@ def test_fig5_grid_has_titles_one_row_per_image_four_columns_and_a_legend(tmp_pa
 
 
 def test_training_curves_and_per_class_bars_are_drawn_from_what_runs_write(tmp_path):
-    import json
-
     from tkpbench.report import fig_curves, fig_per_class
 
     run = tmp_path / "runs" / "r"
@@ -188,3 +191,95 @@ def test_training_curves_and_per_class_bars_are_drawn_from_what_runs_write(tmp_p
     bars = np.asarray(Image.open(fig_per_class(load_results(tmp_path / "results"), tmp_path / "bars.png")).convert("L"))
     assert bars.std() > 10
     assert fig_curves(tmp_path / "nothing", tmp_path / "none.png") is None
+
+
+def test_the_tables_print_the_papers_published_figures():
+    """Every published cell of Tables 1-4 is the paper's (SPEC Sec. 5), with its venue and backbone."""
+    t1, t2, t3, t4 = build_tables([])
+    cited = [("MCTformer", "CVPR22", "DeiT-S"), ("PPC", "CVPR22", "ResNet38"), ("SIPE", "CVPR22", "ResNet50")]
+    cited += [("AFA", "CVPR22", "MiT-B1"), ("ViT-PCM", "ECCV22", "ViT-B/16"), ("ToCo", "CVPR23", "ViT-B/16")]
+    ours = [("TKP-PCL", "", "ViT-B/16")]
+    sapc = [("SAPC-CS", "ICME23", "MiT-B1")]
+    assert [r[:4] for r in t1[2]] == [
+        [*m, v] for m, v in zip(cited + ours, ["61.7", "61.5", "58.6", "66.0", "71.4", "72.2", "74.6"])
+    ]
+    assert [r[:4] for r in t2[2]] == [
+        [*m, v] for m, v in zip(cited + sapc + ours, ["61.7", "61.5", "58.6", "63.8", "69.3 †", "70.5", "67.5", "72.2"])
+    ]
+    coco = [("MCTformer", "CVPR22", "Resnet38"), ("SIPE", "CVPR22", "Resnet38"), *cited[3:], *sapc, *ours]
+    assert [r[:4] for r in t3[2]] == [[*m, v] for m, v in zip(coco, ["42.0", "43.6", "38.9", "45.0 †", "42.3", "39.9", "45.6"])]
+    assert [(r[1], r[4]) for r in t4[2]] == [("60.5", "59.6"), ("70.1", "68.6"), ("72.9", "69.8"), ("74.6", "72.2")]
+    assert any("BPM, not DeepLab-v2" in n for n in t3[3])
+    assert t4[3][-1].endswith("Avg-Pooling -9.6 / -9.0, top-K +2.8 / +1.2, top-K + PCE +4.5 / +3.6")
+    # nobody has checked the cited papers yet: each figure says it is TKP-PCL's citation or its own result
+    sources = {(f.method, f.source) for f in published.load() if f.table < 4}
+    assert {s for m, s in sources if m != "TKP-PCL"} == {"as cited by TKP-PCL"}
+
+
+@pytest.mark.parametrize(
+    "old, new, problem",
+    [
+        ("value = 58.6\n", "", "missing keys ['value']"),
+        ("value = 58.6", 'value = "58.6"', "value = '58.6' is not a float"),
+        ("value = 58.6", "valeu = 58.6", "unknown keys ['valeu']"),
+        ("value = 58.6", "value = 586", "value = 586.0 is not an mIoU in %"),
+        ('column = "voc train pseudo-mask mIoU (CRF)"', 'column = "voc val DeepLab-v2 mIoU"', "is not a column of Table 1"),
+        ('source = "as cited by TKP-PCL"', 'source = ""', "empty source"),
+    ],
+)
+def test_a_malformed_published_figure_is_refused_naming_the_file_and_the_entry(tmp_path, old, new, problem):
+    text = published.PUBLISHED_FILE.read_text()
+    sipe = text.index('method = "SIPE"')  # the third figure
+    path = tmp_path / "published.toml"
+    path.write_text(text[:sipe] + text[sipe:].replace(old, new, 1))
+    with pytest.raises(published.PublishedFiguresError) as e:
+        published.load(path)
+    assert isinstance(e.value, UserError)
+    assert str(e.value).startswith(f"{path}: [[figure]] 3 (SIPE): ") and problem in str(e.value)
+
+
+def test_the_report_ends_with_one_error_line_on_a_malformed_published_file(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "published.toml"
+    bad.write_text("[[figure]]\ntable = 1\n")
+    monkeypatch.setattr(published, "PUBLISHED_FILE", bad)
+    assert main([str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: {bad}: [[figure]] 1 (?): missing keys")
+
+
+def _fig5_runs(tmp_path, voc_root):
+    """A max-pooling and a TKP-PCL demo run whose records were written in another, gone folder and
+    name a relative data root; their CRF masks are the ground truth of the first two train images."""
+    ids = (voc_root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[:2]
+    for run, cfg in (("demo-s0", _cfg("topk", True, synthetic=True)), ("demo_max-s0", _cfg("max", False, synthetic=True))):
+        cfg["data"]["root"] = "data/demo/VOC2012"
+        _write(tmp_path / "results", run, "mask", "voc", "train", 40.0, 45.0, cfg, synthetic=True)
+        summary = tmp_path / "results" / run / "summary.json"
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "cwd": str(tmp_path / "gone")}))
+        crf = tmp_path / "runs" / run / "pseudo" / "crf"
+        crf.mkdir(parents=True)
+        for i in ids:
+            shutil.copy(voc_root / "SegmentationClass" / f"{i}.png", crf / f"{i}.png")
+
+
+def test_fig5_reads_a_relative_data_root_from_the_current_folder_not_the_recorded_one(tmp_path, synth_root, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _fig5_runs(tmp_path, synth_root / "VOC2012")
+    (tmp_path / "data" / "demo").mkdir(parents=True)
+    (tmp_path / "data" / "demo" / "VOC2012").symlink_to(synth_root / "VOC2012")
+    assert main(["results", "--runs", "runs"]) == 0
+    fig = np.asarray(Image.open(tmp_path / "results" / "fig5_demo-s0_vs_demo_max-s0.png"))
+    assert fig.shape[1] == 4 * 240 and fig.shape[0] > 22 + 2 * 160  # titles, two image rows, a legend
+    assert "fig5_demo-s0_vs_demo_max-s0" in (tmp_path / "results" / "TABLES.md").read_text()
+
+
+def test_fig5_is_skipped_with_one_line_when_its_data_is_not_here(tmp_path, synth_root, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _fig5_runs(tmp_path, synth_root / "VOC2012")
+    assert main(["results", "--runs", "runs"]) == 0
+    err = capsys.readouterr().err
+    skipped = [line for line in err.splitlines() if "Fig. 5" in line]
+    assert len(skipped) == 1 and skipped[0].startswith(
+        "warning: Fig. 5 (demo-s0 vs demo_max-s0) skipped: VOC root data/demo/VOC2012"
+    )
+    assert str(tmp_path) in skipped[0] and not (tmp_path / "results" / "fig5_demo-s0_vs_demo_max-s0.png").exists()

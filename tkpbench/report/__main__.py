@@ -1,0 +1,7 @@
+"""``python -m tkpbench.report``: the report command (tkpbench.report.command)."""
+
+import sys
+
+from tkpbench.report.command import main
+
+sys.exit(main())
