@@ -96,3 +96,43 @@ def test_classifier_softmax_and_pooling_run_in_fp32_under_bf16_autocast():
     expected = torch.softmax(out.features.float() @ m.classifier.weight.float().T, dim=-1)
     assert out.z.dtype == torch.float32
     torch.testing.assert_close(out.z, expected, rtol=0, atol=1e-6)
+
+
+def _scores_out(y):
+    from tkpbench.model import TKPOutput
+
+    b, c = y.shape
+    return TKPOutput(z=torch.full((b, 4, c), 1.0 / c), y=y, features=torch.randn(b, 4, 8), grid=(2, 2))
+
+
+def test_mce_equals_torch_bce_on_valid_scores_values_and_gradients():
+    cfg = ModelConfig(**TINY, pce=False)
+    g = torch.Generator().manual_seed(0)
+    # scores across (0, 1) and at the clamp's edges on both sides, with any tags
+    y = torch.cat([torch.rand(6, 5, generator=g), torch.tensor([[0.0, 1.0, 1e-7, 1 - 1e-7, 0.5]])]).double()
+    tags = torch.rand(7, 5, generator=g) > 0.5
+    y1, y2 = y.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    ours = tkp_loss(_scores_out(y1), tags, cfg)["mce"]
+    t = tags.float()
+    t[:, 0] = 1.0
+    ref = torch.nn.functional.binary_cross_entropy(y2.float().clamp(cfg.clamp, 1 - cfg.clamp), t)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    ours.backward()
+    ref.backward()
+    torch.testing.assert_close(y1.grad, y2.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_nan_scores_give_a_nan_loss_not_an_exception():
+    """F.binary_cross_entropy raises on a NaN score ('between 0 and 1'); the NaN guard needs the NaN."""
+    cfg = ModelConfig(**TINY)
+    y = torch.rand(2, 5)
+    y[1, 3] = float("nan")
+    losses = tkp_loss(_scores_out(y), torch.ones(2, 5, dtype=torch.bool), cfg)
+    assert torch.isnan(losses["mce"]) and torch.isnan(losses["loss"])
+
+
+def test_img_size_that_is_not_a_multiple_of_the_patch_is_a_config_error():
+    from tkpbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.img_size = 72 is not a multiple of the patch size 16 .* e\.g\. 64"):
+        tiny_model(img_size=72)

@@ -3,7 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tkpbench.pooling import avg_pool, max_pool, pool, topk_pool
+from tkpbench.errors import ConfigError
+from tkpbench.pooling import Pooling, avg_pool, max_pool, pool, topk_pool
 
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 40), st.integers(1, 6))
 
@@ -58,11 +59,13 @@ def test_topk_gradient_reaches_exactly_the_selected_entries(seed, k):
 
 
 @pytest.mark.parametrize("k", [0, -1, 13])
-def test_k_outside_range_is_a_value_error_with_the_numbers(k):
-    with pytest.raises(ValueError, match=f"k={k} with S=12"):
+def test_k_outside_range_is_a_config_error_naming_the_key_and_the_numbers(k):
+    with pytest.raises(ConfigError, match=rf"model\.k = {k} .* these images have 12; set model\.k to at most 12"):
         topk_pool(torch.rand(1, 12, 3), k)
 
 
-def test_unknown_kind_is_rejected():
-    with pytest.raises(ValueError, match="unknown pooling kind"):
+def test_unknown_kind_is_rejected_naming_the_key():
+    with pytest.raises(ConfigError, match=r"model\.pooling = 'median' is unknown"):
         pool(torch.rand(1, 4, 2), "median")
+    with pytest.raises(ConfigError, match=r"model\.pooling = 'median' is unknown"):
+        Pooling("median")

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from tkpbench.config import Config, ModelConfig, config_from_dict
 from tkpbench.encoder import PatchEncoder
+from tkpbench.errors import ConfigError
 from tkpbench.hv_bilstm import HVBiLSTM, keras_init_
 from tkpbench.pce import patch_contrastive_error
 from tkpbench.pooling import Pooling
@@ -36,6 +37,12 @@ class TKPPCL(nn.Module):
         self.cfg = cfg
         kwargs = {"proj_drop_rate": cfg.encoder_dropout, **cfg.encoder_kwargs}
         self.encoder = PatchEncoder(cfg.encoder, cfg.weights or None, cfg.img_size, **kwargs)
+        p = self.encoder.patch_size
+        if cfg.img_size % p:
+            raise ConfigError(
+                f"model.img_size = {cfg.img_size} is not a multiple of the patch size {p} of {cfg.encoder}; "
+                f"set model.img_size to a multiple of {p}, e.g. {cfg.img_size // p * p or p}"
+            )
         self.hv_bilstm = HVBiLSTM(self.encoder.embed_dim, cfg.hidden, cfg.dropout, cfg.lstm_dropout)
         self.dropout = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(self.hv_bilstm.out_dim, cfg.num_classes, bias=False)
@@ -84,6 +91,9 @@ def tkp_loss(
 
     loss = MCE + alpha * PCE + ET + REG; a switched-off term is absent from the dict, not 0.
     MCE (Eq. 2) is the BCE averaged over classes and images; y is clamped away from 0 and 1.
+    The BCE is written out rather than ``F.binary_cross_entropy``, whose kernel rejects a NaN
+    score (a device-side assert on CUDA that poisons the context, a RuntimeError on the CPU):
+    a diverged model must give a NaN loss, which the engine's NaN guard reports.
     PCE (``cfg.pce``) as Eq. 3-5. ET is the equivariance loss, computed by the caller
     (``tkpbench.equivariance``), passed when ``cfg.et``. REG (``cfg.reg`` > 0) is Keras's
     ``L2(reg)`` on the classifier kernel, ``reg * sum(W^2)``, as ViT-PCM's ``compute_reg_loss``.
@@ -91,7 +101,7 @@ def tkp_loss(
     t = image_targets(tags)
     with torch.autocast(device_type=out.y.device.type, enabled=False):
         y = out.y.float().clamp(cfg.clamp, 1.0 - cfg.clamp)
-        terms = {"mce": F.binary_cross_entropy(y, t)}
+        terms = {"mce": -(t * y.log() + (1.0 - t) * (-y).log1p()).mean()}
         loss = terms["mce"]
         if cfg.pce:
             terms["pce"] = patch_contrastive_error(out.features.float(), out.z, cfg.eps)

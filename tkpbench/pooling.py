@@ -11,6 +11,8 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from tkpbench.errors import ConfigError
+
 PoolKind = Literal["avg", "max", "topk"]
 
 
@@ -27,7 +29,10 @@ def topk_pool(scores: Tensor, k: int) -> Tensor:
     _check_scores(scores)
     s = scores.shape[1]
     if not 1 <= k <= s:
-        raise ValueError(f"top-K pooling needs 1 <= k <= S, got k={k} with S={s} patches")
+        raise ConfigError(
+            f"model.k = {k} but top-K pooling needs 1 <= k <= the number of patches, and these images have {s}; "
+            f"set model.k to at most {s} or use larger images"
+        )
     return scores.topk(k, dim=1, sorted=False).values.mean(dim=1)
 
 
@@ -51,7 +56,7 @@ def pool(scores: Tensor, kind: PoolKind, k: int = 6) -> Tensor:
         return max_pool(scores)
     if kind == "avg":
         return avg_pool(scores)
-    raise ValueError(f"unknown pooling kind {kind!r}; expected one of 'avg', 'max', 'topk'")
+    raise ConfigError(f"model.pooling = {kind!r} is unknown; expected one of 'avg', 'max', 'topk'")
 
 
 class Pooling(nn.Module):
@@ -61,9 +66,9 @@ class Pooling(nn.Module):
     def __init__(self, kind: PoolKind = "topk", k: int = 6) -> None:
         super().__init__()
         if kind not in ("avg", "max", "topk"):
-            raise ValueError(f"unknown pooling kind {kind!r}; expected one of 'avg', 'max', 'topk'")
+            raise ConfigError(f"model.pooling = {kind!r} is unknown; expected one of 'avg', 'max', 'topk'")
         if kind == "topk" and k < 1:
-            raise ValueError(f"top-K pooling needs k >= 1, got {k}")
+            raise ConfigError(f"model.k = {k} is not allowed; top-K pooling needs k >= 1")
         self.kind, self.k = kind, k
 
     def forward(self, scores: Tensor) -> Tensor:

@@ -21,6 +21,24 @@ from tkpbench.data.synth import make_synthetic
 from tkpbench.data.voc import prepare_train_aug
 
 
+def _bounded_int(lo: int, hi: int | None, what: str):
+    """An argparse type: an integer in [lo, hi] (no upper bound when hi is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = None
+        if n is None or n < lo or (hi is not None and n > hi):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return n
+
+    return parse
+
+
+WORKERS = _bounded_int(0, None, "a number of processes >= 0 (0: one per CPU)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tkpbench data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -36,18 +54,25 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("prepare-aug", help="build train_aug.txt and SegmentationClassAug/ from SBD")
     a.add_argument("--root", type=Path, required=True)
     a.add_argument("--sbd", type=Path, required=True)
-    a.add_argument("--workers", type=int, default=0)
+    a.add_argument("--workers", type=WORKERS, default=0, help="processes (default 0: one per CPU)")
     m = sub.add_parser("coco-masks", help="write COCO semantic masks as PNGs (parallel, resumable)")
     m.add_argument("--root", type=Path, required=True)
     m.add_argument("--split", default="train2014")
-    m.add_argument("--workers", type=int, default=0)
+    m.add_argument("--workers", type=WORKERS, default=0, help="processes (default 0: one per CPU)")
     m.add_argument("--protocol", choices=["tkpbench", "vit_pcm"], default="tkpbench", help="data.coco_protocol")
     s = sub.add_parser("synth", help="generate the demo datasets (VOC layout + COCO twin)")
     s.add_argument("--root", type=Path, required=True)
     s.add_argument("--n", type=int, default=200)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--classes", type=int, default=20)
-    s.add_argument("--size", type=int, nargs=2, default=[120, 160], metavar=("H", "W"))
+    s.add_argument("--seed", type=_bounded_int(0, None, "a seed >= 0"), default=0)
+    s.add_argument("--classes", type=_bounded_int(1, 20, "a number of VOC foreground classes (1 to 20)"), default=20)
+    s.add_argument(
+        "--size",
+        type=_bounded_int(16, None, "an image side of at least 16 px (one ViT patch)"),
+        nargs=2,
+        default=[120, 160],
+        metavar=("H", "W"),
+        help="mean image size",
+    )
     args = p.parse_args(argv)
 
     try:

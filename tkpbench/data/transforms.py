@@ -24,6 +24,7 @@ from tkpbench.data.coco import COCOSegmentation
 from tkpbench.data.common import IGNORE, DatasetError, read_mask
 from tkpbench.data.voc import VOCSegmentation
 from tkpbench.equivariance import dihedral
+from tkpbench.errors import ConfigError
 
 
 def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[Any]:
@@ -181,6 +182,9 @@ class TKPTrainSet(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    def __repr__(self) -> str:
+        return f"TKPTrainSet({self.base!r})"
+
     def __getitem__(self, key):
         index = key[0] if isinstance(key, tuple) else key
         if self.cache is not None:
@@ -226,6 +230,9 @@ class PseudoMaskSet(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    def __repr__(self) -> str:
+        return f"PseudoMaskSet({self.base!r}, masks={str(self.mask_dir)!r})"
+
     def __getitem__(self, key):
         index = key[0] if isinstance(key, tuple) else key
         img = tv_tensors.Image(torch.from_numpy(self.base.image(index)).permute(2, 0, 1))
@@ -255,4 +262,4 @@ def build_dataset(cfg: DataConfig, split: str):
         return VOCSegmentation(cfg.root, split, tags=cfg.tags)
     if cfg.dataset == "coco":
         return COCOSegmentation(cfg.root, split, protocol=cfg.coco_protocol)
-    raise ValueError(f"data.dataset must be 'voc' or 'coco', got {cfg.dataset!r}")
+    raise ConfigError(f"data.dataset must be 'voc' or 'coco', got {cfg.dataset!r}")

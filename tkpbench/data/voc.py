@@ -26,6 +26,7 @@ from scipy.io import loadmat
 
 from tkpbench.data.common import VOC_CLASSES, DatasetError, read_image, read_mask, save_mask, tags_from_mask
 from tkpbench.data.tagcache import cached_tags
+from tkpbench.errors import ConfigError
 from tkpbench.io import atomic_write_text
 from tkpbench.progress import track
 
@@ -51,7 +52,7 @@ class VOCSegmentation:
         self.root = Path(root)
         self.split = split
         if tags not in ("mask", "xml"):
-            raise ValueError(f"tags must be 'mask' or 'xml', got {tags!r}")
+            raise ConfigError(f"data.tags must be 'mask' or 'xml', got {tags!r}")
         self.tag_source = tags
         if not self.root.is_dir():
             raise DatasetError(
