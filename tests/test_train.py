@@ -1,4 +1,5 @@
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -217,3 +218,57 @@ def test_a_fresh_adam_at_the_unfreeze_when_asked(synth_root, tmp_path, reset):
     steps = {int(s["step"]) for s in ck["optimizer"]["state"].values()}
     per_epoch = ck["step"] // 3
     assert steps == ({2 * per_epoch} if reset else {3 * per_epoch, 2 * per_epoch})
+
+
+def test_a_diverging_run_stops_at_the_nan_guard_with_one_line_and_a_diagnostic_checkpoint(synth_root, tmp_path):
+    """lr 1e30 from the unfreeze: the weights blow up and the scores become NaN. The BCE must pass the
+    NaN on to the guard (F.binary_cross_entropy raised 'between 0 and 1', and asserts on CUDA)."""
+    cfg = tiny_config(synth_root / "VOC2012", train__lr="1e30")
+    save_config(cfg, tmp_path / "cfg.toml")
+    cmd = [sys.executable, "-m", "tkpbench.train", "--config", str(tmp_path / "cfg.toml"), "--no-progress", "--device", "cpu"]
+    r = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    found = re.fullmatch(r"error: non-finite loss at step (\d+) \(epoch 2\): (.*); diagnostic checkpoint (\S+)", lines[0])
+    assert found, lines[0]
+    step, terms, path = int(found[1]), found[2], Path(found[3])
+    assert "loss=nan" in terms and "mce=nan" in terms
+    warmup_steps = 5  # 20 train_aug images, batch 4: the first epoch (lr_warmup) is steps 0-4
+    assert step > warmup_steps - 1
+    assert path.name == f"diagnostic_nan_step{step:08d}.pt"
+    ck = torch.load(tmp_path / path, weights_only=True)
+    assert ck["step"] == step and not (tmp_path / "runs" / "tiny" / "final.pt").exists()
+
+
+def test_the_et_target_forward_leaves_no_gradless_autocast_casts_to_the_training_forward(synth_root, monkeypatch):
+    """Autocast caches a weight's bf16 copy until its outermost region ends; a copy made under
+    no_grad has no history, and torch < 2.10 hands it to the training forward of the same region
+    (pytorch#112583): the unfrozen blocks would get no gradient. The target forward runs in eval mode
+    without gradient, then the cache is dropped, before the training forward; the unfrozen blocks learn."""
+    cfg = tiny_config(synth_root / "VOC2012", model__et="true", data__et_crop="16")
+    task = TKPTask(cfg)
+    torch.manual_seed(0)
+    model = task.build_model()
+    task.set_phase(model, epoch=1)  # the last block unfrozen
+    data = task.train_set()
+    batch = torch.utils.data.default_collate([data[(i, i)] for i in range(4)])
+    events = []
+    forward = model.forward
+
+    def spy_forward(x):
+        events.append(("forward", torch.is_grad_enabled(), model.training, torch.is_autocast_enabled("cpu")))
+        return forward(x)
+
+    clear = torch.clear_autocast_cache
+    monkeypatch.setattr(model, "forward", spy_forward)
+    monkeypatch.setattr(torch, "clear_autocast_cache", lambda: (events.append("clear"), clear())[1])
+    task.train_mode(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = task.loss(model, batch, torch.device("cpu"))
+    # the last clear is the autocast region's own exit
+    assert events == [("forward", False, False, True), "clear", ("forward", True, True, True), "clear"]
+    losses["loss"].backward()
+    unfrozen = model.encoder.vit.blocks[-1]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in unfrozen.parameters())

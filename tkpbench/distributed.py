@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from tkpbench.errors import TrainingError
+
 
 @dataclass
 class DistInfo:
@@ -137,11 +139,15 @@ class ResumableSampler(Sampler):
     """Training sampler: one permutation per (seed, epoch) shared by all ranks, cut to a multiple
     of the global batch (drop_last) and split by rank. Yields ``(index, sample_seed)`` so each
     sample's augmentation depends only on its position in the schedule. ``start`` skips the
-    batches already done in this epoch (resume)."""
+    batches already done in this epoch (resume). ``what`` names the training set in the error
+    raised when it holds less than one global batch."""
 
-    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int) -> None:
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, what: str = "the training split") -> None:
         if n < global_batch:
-            raise ValueError(f"the training split has {n} images, fewer than one global batch of {global_batch}")
+            raise TrainingError(
+                f"{what} has {n} images, fewer than one global batch of {global_batch}: set the batch size "
+                f"(train.batch_size; seg.batch_size for segment train) to at most {n}, or train on a bigger split"
+            )
         self.n, self.global_batch, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
         self.epoch = 0
         self.start_batch = 0

@@ -119,11 +119,7 @@ class TKPTask(Task):
                 f"model.et tiles 4 images into each mosaic, but this process's micro-batch has {b}; "
                 "make train.batch_size / processes (and train.micro_batch) a multiple of 4"
             )
-        # the target: the main view in eval mode, without gradient (ViT-PCM: training=False, outside its tape)
-        with torch.no_grad():
-            m.eval()
-            ref = m(images)
-            self.train_mode(model)
+        ref = self.et_reference(model, images)
         g = ref.grid[0] // 2
         target = merge_with_tags(realign(score_grid(ref.z, ref.grid), geom, et_geom, self.patch, g), tags)
         # one forward over the main views and the mosaics (both img_size): one DDP call per step
@@ -131,6 +127,25 @@ class TKPTask(Task):
         main = TKPOutput(z=out.z[:b], y=out.y[:b], features=out.features[:b], grid=out.grid)
         pred = tiles(score_grid(out.z[b:], out.grid))
         return tkp_loss(main, tags, self.cfg.model, et=equivariance_loss(pred, target), classifier_weight=weight)
+
+    def et_reference(self, model: nn.Module, images: torch.Tensor) -> TKPOutput:
+        """The ET target's forward: the main view in eval mode, without gradient (ViT-PCM:
+        ``training=False``, outside its gradient tape), in an autocast cache region of its own.
+
+        Autocast caches the low-precision copy of each weight it casts until the outermost
+        autocast region ends. A copy made here, under ``no_grad``, has no autograd history; on
+        torch < 2.10 the training forward that follows in the engine's region would reuse it, and
+        the unfrozen encoder blocks would get no gradient (pytorch#112583, pytorch#105211).
+        Clearing the cache after this forward makes the training forward cast afresh.
+        """
+        m: TKPPCL = unwrap(model)
+        try:
+            with torch.no_grad():
+                m.eval()
+                return m(images)
+        finally:
+            self.train_mode(model)
+            torch.clear_autocast_cache()
 
     def eval_due(self, epoch_done: int) -> bool:
         e = self.cfg.train.eval_every
