@@ -100,3 +100,81 @@ def test_filtering_ignores_what_its_reused_buffers_held():
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     narrow = lat.filter(values[:, :1])
     torch.testing.assert_close(narrow, first[:, :1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture
+def eight_gpus(monkeypatch):
+    """This process sees 8 (pretend) GPUs, and the current CUDA device is 5."""
+    import torch
+
+    import tkpbench.crf
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Pretend GPU")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(tkpbench.crf, "cuda_usable", lambda: (True, ""))
+
+
+@pytest.mark.parametrize(
+    "setting, local_rank, want",
+    [("", 3, "cuda:3"), ("cuda", 3, "cuda:3"), ("cuda:1", 3, "cuda:1"), ("cpu", 3, "cpu"), ("", None, "cuda:5")],
+)
+def test_the_crf_device_is_this_ranks_gpu(eight_gpus, setting, local_rank, want):
+    import torch
+
+    from tkpbench.crf import crf_device
+
+    assert crf_device(setting, local_rank) == torch.device(want)
+
+
+def test_a_crf_device_this_machine_lacks_is_a_user_error(eight_gpus, monkeypatch):
+    import torch
+
+    import tkpbench.crf
+    from tkpbench.crf import CRFDeviceError, crf_device
+    from tkpbench.errors import UserError
+
+    with pytest.raises(CRFDeviceError, match="sees 8 GPU.*one rank per GPU"):
+        crf_device("cuda", 8)  # a ninth rank on an 8-GPU node
+    with pytest.raises(CRFDeviceError, match="'gpu'.*cpu, cuda or cuda:N"):
+        crf_device("gpu", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(tkpbench.crf, "cuda_usable", lambda: (False, "no NVIDIA driver is loaded"))
+    assert crf_device("", 3) == torch.device("cpu")
+    with pytest.raises(CRFDeviceError, match="no NVIDIA driver.*--device cpu") as e:
+        crf_device("cuda", 3)
+    assert isinstance(e.value, UserError)
+
+
+def test_the_crf_stage_runs_each_rank_on_its_own_gpu_and_says_so(eight_gpus, monkeypatch, synth_root, tmp_path, capsys):
+    """Rank 3 of a node (LOCAL_RANK 3) with crf.device "" refines on cuda:3, not on cuda (= cuda:0)."""
+    from tkpbench import refine
+    from tkpbench.config import Config
+    from tkpbench.distributed import DistInfo
+
+    used = []
+
+    def on_device(ds, pseudo_dir, todo, cfg, loaders):
+        used.append(cfg.device)
+        yield from ["done"] * len(todo)
+
+    monkeypatch.setattr(refine, "_refine_on_device", on_device)
+    cfg = Config()
+    cfg.data.root = str(synth_root / "VOC2012")
+    cfg.crf.backend = "torch"
+    refine.refine_folder(tmp_path, "val", cfg.crf, cfg.data, DistInfo(rank=0, local_rank=3, world=1), progress=False)
+    assert used == ["cuda:3"]
+    assert "torch backend on cuda:3 (Pretend GPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("srgb", [0.01, 1e-6])  # the packed keys' int64 product wraps around; float32 loses the simplex
+def test_kernel_widths_too_small_for_the_lattice_are_a_config_error_naming_the_keys(srgb):
+    from tkpbench.errors import ConfigError
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    p = np.full((2, 20, 30), 0.5, np.float32)
+    with pytest.raises(ConfigError, match=r"raise crf.gauss_sxy, crf.bi_sxy or crf.bi_srgb"):
+        dense_crf(img, p, backend="torch", device="cpu", bi_srgb=srgb)

@@ -1,18 +1,18 @@
 """Dense CRF (Kraehenbuehl & Koltun 2011): the component. ``dense_crf`` through pydensecrf (the
 reference) or ``tkpbench.permutohedral`` (``backend="torch"``, GPU-capable); ``crf_labels`` refines
-a pseudo mask's merged probabilities. The stage that runs it over a run folder is
-``tkpbench.refine`` (``tkpbench crf`` / ``python -m tkpbench.crf`` start it).
+a pseudo mask's merged probabilities; ``crf_device`` is the one place that says where the torch
+backend runs. The stage that runs it over a run folder is ``tkpbench.refine`` (``tkpbench crf``).
 
 Defaults are ViT-PCM's and deeplab-pytorch's VOC values: 10 iterations, Gaussian (sxy 1,
 compat 3), bilateral (sxy 67, srgb 3, compat 4). The unary is -log of the merged softmax.
-The folder command runs one process per core with OMP_NUM_THREADS=1, skips finished images
-and writes ``<run>/pseudo/crf/<id>.png`` atomically. Only the tagged classes enter the CRF
-(absent classes have probability 0 and could never win); a single-class image is left as is.
+Only the tagged classes enter the CRF (absent classes have probability 0 and could never win);
+a single-class image is left as is.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from typing import Any
 
@@ -22,21 +22,58 @@ import torch
 from pydensecrf.utils import unary_from_softmax
 
 from tkpbench.config import CRFConfig
+from tkpbench.device import cuda_usable
+from tkpbench.errors import ConfigError, UserError
 from tkpbench.permutohedral import mean_field
+
+
+class CRFInputError(UserError, ValueError):
+    """An image or probabilities that the CRF cannot take (wrong dtype, shape or values)."""
+
+
+class CRFDeviceError(UserError, RuntimeError):
+    """A device (``crf.device`` or a command's ``--device``) that this machine does not have."""
+
+
+def crf_device(device: str = "", local_rank: int | None = None) -> torch.device:
+    """Where the torch backend runs, from ``crf.device`` (or a command's ``--device``).
+
+    "" = this process's GPU when CUDA is available, else the CPU; "cuda" = this process's GPU;
+    "cuda:N" = GPU N as given; "cpu". This process's GPU is ``cuda:<local_rank>`` (torchrun's
+    LOCAL_RANK: one GPU per rank of a node, never all ranks on GPU 0); with ``local_rank`` None it
+    is the current CUDA device (which ``distributed.setup`` sets to the same)."""
+    if not re.fullmatch(r"|cpu|cuda(:\d+)?", device):
+        raise CRFDeviceError(f"device {device!r} (crf.device or --device): use '' (the GPU if any), cpu, cuda or cuda:N")
+    if device == "cpu" or (device == "" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    usable, why = cuda_usable()
+    if not usable:
+        raise CRFDeviceError(f"device {device!r}: no usable GPU: {why}; or use crf.device=cpu (--device cpu)")
+    dev = torch.device(device or "cuda")
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device() if local_rank is None else local_rank)
+    if dev.index >= torch.cuda.device_count():
+        raise CRFDeviceError(
+            f"device {dev}, but this process sees {torch.cuda.device_count()} GPU(s): start at most one rank "
+            "per GPU (torchrun --nproc_per_node), or choose one with crf.device=cuda:N (or --device cuda:N)"
+        )
+    return dev
 
 
 def _check(image: np.ndarray, probs: np.ndarray) -> None:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+        raise CRFInputError(f"the CRF's image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
     if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
-        raise ValueError(f"probs must be (C, H, W) with H, W = {image.shape[:2]}, got {probs.shape}")
+        raise CRFInputError(
+            f"the CRF's probs must be (C, H, W) with H, W = {image.shape[:2]} (the image's size), got {probs.shape}"
+        )
     if probs.shape[0] < 2:
-        raise ValueError(f"the CRF needs at least 2 labels, got {probs.shape[0]}")
+        raise CRFInputError(f"the CRF needs at least 2 labels, got {probs.shape[0]}")
     if not np.isfinite(probs).all():
-        raise ValueError("probs contain NaN or inf")
+        raise CRFInputError("the CRF's probs contain NaN or inf")
     s = probs.sum(0)
     if np.abs(s - 1).max() > 1e-2:
-        raise ValueError(f"probs must sum to 1 over classes (found sums in [{s.min():.3f}, {s.max():.3f}])")
+        raise CRFInputError(f"the CRF's probs must sum to 1 over classes (found sums in [{s.min():.3f}, {s.max():.3f}])")
 
 
 def crf_config(cfg: CRFConfig | None = None, **params: Any) -> CRFConfig:
@@ -59,7 +96,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, cfg: CRFConfig | None = None
     if c.backend == "torch":
         return dense_crf_batch(image[None], probs[None], c)[0]
     if c.backend != "pydensecrf":
-        raise ValueError(f"unknown CRF backend {c.backend!r}; available: 'pydensecrf', 'torch'")
+        raise ConfigError(f"crf.backend: unknown CRF backend {c.backend!r}; use 'pydensecrf' or 'torch'")
     n, h, w = probs.shape
     d = dcrf.DenseCRF2D(w, h, n)
     d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32))))
@@ -69,12 +106,12 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, cfg: CRFConfig | None = None
 
 
 def dense_crf_batch(images: np.ndarray, probs: np.ndarray, cfg: CRFConfig | None = None, **params: Any) -> np.ndarray:
-    """The torch backend on several images of one size at once, on ``cfg.device`` (default cpu).
+    """The torch backend on several images of one size at once, on ``crf_device(cfg.device)``.
     images: uint8 (B, H, W, 3); probs: float32 (B, C, H, W). Returns float32 (B, C, H, W)."""
     c = crf_config(cfg, **params)
     for im, p in zip(images, probs):
         _check(im, p)
-    device = c.device or "cpu"
+    device = crf_device(c.device)
     img = torch.as_tensor(np.ascontiguousarray(images), device=device)
     unary = -torch.log(torch.as_tensor(probs, device=device).float().clamp_min(1e-5))  # as unary_from_softmax
     q = mean_field(img, unary, c.iters, c.gauss_sxy, c.gauss_compat, c.bi_sxy, c.bi_srgb, c.bi_compat)
@@ -92,7 +129,6 @@ def crf_labels(image: np.ndarray, probs: np.ndarray, cfg: CRFConfig) -> np.ndarr
     return present[dense_crf(image, sub, cfg).argmax(0)].astype(np.uint8)
 
 
-if __name__ == "__main__":  # `python -m tkpbench.crf` runs the CRF stage, as it always has
-    from tkpbench.refine import main
-
-    sys.exit(main())
+if __name__ == "__main__":  # an old command line: say where the stage is rather than exit 0 having done nothing
+    print("error: tkpbench.crf is the CRF component; the CRF stage is python -m tkpbench.refine (tkpbench crf)", file=sys.stderr)
+    sys.exit(2)

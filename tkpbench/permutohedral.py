@@ -20,6 +20,15 @@ import warnings
 import torch
 from torch import Tensor
 
+from tkpbench.errors import ConfigError
+
+
+def _too_wide(b: int, n: int) -> ConfigError:
+    return ConfigError(
+        f"the CRF's features span too many lattice points for {b} image(s) of {n} pixels: raise crf.gauss_sxy, "
+        "crf.bi_sxy or crf.bi_srgb (the smaller they are, the more points), or use crf.backend=pydensecrf"
+    )
+
 
 class Lattice:
     """A permutohedral lattice over the features of B images. features: (B, N, d)."""
@@ -36,6 +45,8 @@ class Lattice:
         suffix = torch.cat([cf.flip(1).cumsum(1).flip(1), torch.zeros_like(cf[:, :1])], dim=1)  # (P, d+1)
         j = torch.arange(1, d + 1, device=dev, dtype=cf.dtype)
         elevated = torch.cat([suffix[:, :1], suffix[:, 1:] - j * cf], dim=1)
+        if float(elevated.abs().max()) >= 2**22:  # beyond, float32 keeps too little of the fraction to find the simplex
+            raise _too_wide(b, n)
         # closest remainder-0 point
         v = elevated / (d + 1)
         up, down = torch.ceil(v) * (d + 1), torch.floor(v) * (d + 1)
@@ -66,9 +77,9 @@ class Lattice:
         # pack (image, key) into one int64
         lo = keys.amin(dim=(0, 1)) - (d + 2)
         span = keys.amax(dim=(0, 1)) - lo + (d + 2) + 1
+        if float(span.double().prod()) * b >= 2**62:  # in float64: the int64 product itself would wrap around
+            raise _too_wide(b, n)
         radix = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long, device=dev), span]), 0)
-        if float(radix[-1]) * b >= 2**62:
-            raise ValueError("feature range too large for the packed lattice keys; scale the features down")
         self._lo, self._radix = lo, radix
         image = torch.arange(b, device=dev).repeat_interleave(n)[:, None].expand(-1, d + 1)
         packed = self._pack(keys, image)

@@ -10,12 +10,15 @@ TKP-PCL path: the image is resized to ``pseudo.infer_size``, its patch scores ar
 tags and upsampled as the pseudo-mask stage does. Without ``--tags`` the tags are predicted: a
 class is present when its pooled image score y_c exceeds ``--threshold`` (default 0.5, the
 threshold of the per-epoch F1). ``--crf`` refines with the run's CRF settings. ``--seg`` uses the
-DeepLab-v2 trained on the run's pseudo masks instead (no tags needed). Works on the CPU, on any
+DeepLab-v2 trained on the run's pseudo masks instead (no tags needed). ``--device`` (default: the
+GPU when there is one, else the CPU) runs the model there, and the CRF too when the run's
+``crf.backend`` is torch (without ``--device`` the CRF keeps the run's ``crf.device``). Works on any
 size and format Pillow reads; a file that is not an image is refused by name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import sys
 from pathlib import Path
@@ -27,7 +30,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from tkpbench import cli
 from tkpbench.config import Config, config_from_dict
-from tkpbench.crf import crf_labels
+from tkpbench.crf import crf_device, crf_labels
 from tkpbench.data.common import VOC_CLASSES, save_mask, voc_palette
 from tkpbench.deeplab import IMAGENET_MEAN, IMAGENET_STD, DeepLabV2, predict_probs
 from tkpbench.errors import DatasetError, UserError
@@ -71,13 +74,14 @@ def parse_tags(text: str, names: list[str]) -> torch.Tensor:
 @torch.no_grad()
 def tkp_probs(model: TKPPCL, cfg: Config, image: np.ndarray, tags: torch.Tensor | None, threshold: float):
     """Merged class probabilities (C, H, W) at the image's size, and the tags used (C,) bool."""
-    x = torch.from_numpy(image).permute(2, 0, 1)
+    x = torch.from_numpy(image).permute(2, 0, 1).to(next(model.parameters()).device)
     size = cfg.pseudo.infer_size
     x = TF.normalize(TF.resize(x, [size, size], antialias=True).float().div_(255), model.encoder.mean, model.encoder.std)
     out = model(x[None])
     if tags is None:
         tags = out.y[0] > threshold
         tags[0] = True
+    tags = tags.to(out.z.device)
     _, probs = patch_masks(
         out.z, out.grid, tags[None], image.shape[:2], return_probs=True, align_corners=cfg.pseudo.align_corners
     )
@@ -86,7 +90,7 @@ def tkp_probs(model: TKPPCL, cfg: Config, image: np.ndarray, tags: torch.Tensor 
 
 @torch.no_grad()
 def seg_probs(model: DeepLabV2, image: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(image).permute(2, 0, 1).float().div_(255)
+    x = torch.from_numpy(image).permute(2, 0, 1).to(next(model.parameters()).device).float().div_(255)
     x = TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
     return predict_probs(model, x[None], [1.0], False, amp=False)
 
@@ -120,10 +124,16 @@ def predict_images(
     crf: bool = False,
     seg: bool = False,
     threshold: float = 0.5,
+    device: str | None = None,
 ) -> list[Path]:
-    """Write ``<stem>.png`` and ``<stem>_overlay.jpg`` for every image; returns the mask paths."""
+    """Write ``<stem>.png`` and ``<stem>_overlay.jpg`` for every image; returns the mask paths.
+    ``device``: where the model and the torch CRF run (``crf.crf_device``; None: the model on the GPU
+    when there is one, the CRF on the run's ``crf.device``)."""
+    dev = crf_device(device or "")
     run = RunDir(run_dir)
     model, cfg = TKPPCL.from_checkpoint(load_final(run))
+    crf_cfg = cfg.crf if device is None else dataclasses.replace(cfg.crf, device=str(dev))
+    model.to(dev)
     names = class_names(cfg)
     tags = parse_tags(tags_text, names) if tags_text else None
     deeplab = None
@@ -132,7 +142,7 @@ def predict_images(
         scfg = config_from_dict(ck["config"], f"{run.seg.final}")
         deeplab = DeepLabV2(cfg.model.num_classes, scfg.seg.backbone, output_stride=scfg.seg.output_stride)
         deeplab.load_state_dict(ck["model"])
-        deeplab.eval()
+        deeplab.to(dev).eval()
     written = []
     for path in images:
         image = read_image(path)
@@ -140,8 +150,8 @@ def predict_images(
             probs = seg_probs(deeplab, image)
         else:
             probs, _ = tkp_probs(model, cfg, image, tags, threshold)
-        p = probs.float().numpy()
-        mask = crf_labels(image, p / p.sum(0, keepdims=True), cfg.crf) if crf else p.argmax(0).astype(np.uint8)
+        p = probs.float().cpu().numpy()
+        mask = crf_labels(image, p / p.sum(0, keepdims=True), crf_cfg) if crf else p.argmax(0).astype(np.uint8)
         stem = out / Path(path).stem
         save_mask(stem.with_suffix(".png"), mask)
         _save_jpeg(stem.with_name(stem.name + "_overlay.jpg"), overlay(image, mask, names))
@@ -150,16 +160,15 @@ def predict_images(
 
 
 def _main(argv: list[str] | None = None) -> int:
-    p = cli.parser("tkpbench predict", __doc__)
+    p = cli.parser("tkpbench predict", __doc__, cli.run_dir_option("a trained run folder (holds final.pt)"))
     p.add_argument("images", nargs="+", type=Path, help="image files (any format Pillow reads)")
-    p.add_argument("--run", type=Path, required=True, help="a trained run folder (holds final.pt)")
     p.add_argument("--out", type=Path, required=True, help="folder for <stem>.png and <stem>_overlay.jpg")
     p.add_argument("--tags", default=None, help="the classes in the images, e.g. cat,dog (default: predicted)")
     p.add_argument("--threshold", type=float, default=0.5, help="pooled score above which a class is predicted")
     p.add_argument("--crf", action="store_true", help="refine with the run's dense-CRF settings")
     p.add_argument("--seg", action="store_true", help="use the run's trained DeepLab-v2 (runs/<run>/seg)")
     args = p.parse_args(argv)
-    for path in predict_images(args.run, args.images, args.out, args.tags, args.crf, args.seg, args.threshold):
+    for path in predict_images(args.run, args.images, args.out, args.tags, args.crf, args.seg, args.threshold, args.device):
         print(f"wrote {path} and {path.with_name(path.stem + '_overlay.jpg')}")
     return 0
 
