@@ -37,7 +37,7 @@ def test_missing_data_stops_before_any_training(tmp_path, capsys):
 def test_missing_weights_file_is_reported_by_the_check(synth_root, tmp_path):
     cfg = tiny_config(synth_root / "VOC2012", model__weights=str(tmp_path / "vit.pth"))
     with pytest.raises(PipelineError, match=r"vit\.pth: MISSING.*download weights"):
-        check_data(cfg, print)
+        check_data(cfg)
 
 
 def test_reproduce_sh_prints_usage_for_an_unknown_target():
@@ -49,7 +49,7 @@ def test_a_real_data_run_without_pretrained_weights_is_refused(synth_root):
     cfg = tiny_config(synth_root / "VOC2012")
     cfg.synthetic = False
     with pytest.raises(PipelineError, match=r"model\.weights is empty.*random init"):
-        check_data(cfg, print)
+        check_data(cfg)
 
 
 @pytest.mark.slow

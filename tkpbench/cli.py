@@ -41,8 +41,22 @@ def common_options() -> argparse.ArgumentParser:
     """``--debug`` and ``--device``, on every command."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (or set TKPBENCH_DEBUG=1)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda or cuda:N (default: this process's GPU; a real run without a usable GPU stops "
+        "and says why, --device cpu insists)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+    return p
+
+
+def run_dir_option(help: str = "a run folder holding final.pt (e.g. runs/topk_pce)") -> argparse.ArgumentParser:
+    """``--run-dir RUN``, the run folder a stage works on. Not ``--run``: under torchrun its own
+    parser takes ``--run`` for an abbreviation of its ``--run-path`` and stops ("ambiguous option").
+    Outside torchrun ``--run`` still works (argparse abbreviations)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--run-dir", dest="run", type=Path, required=True, metavar="RUN", help=help)
     return p
 
 

@@ -126,7 +126,7 @@ def score_pseudo_masks(run_dir: Path, cfg, results: Path = Path("results")) -> d
         },
         synthetic=cfg.synthetic,
         model_sha256=model_digest(run.final),
-        settings=chain_settings("crf", cfg),
+        settings=chain_settings("mask", cfg),
         counts_file=counts.name,
     )
     write_stage(results, Path(run_dir).name, stamp(rec, time.perf_counter() - t0), cfg.to_dict())
@@ -136,7 +136,9 @@ def score_pseudo_masks(run_dir: Path, cfg, results: Path = Path("results")) -> d
 def _main(argv: list[str] | None = None) -> int:
     p = cli.parser("tkpbench evaluate", __doc__, cli.config_options())
     p.add_argument(
-        "--run",
+        "--run-dir",
+        dest="run",
+        metavar="RUN",
         type=Path,
         default=None,
         help="score this run's pseudo masks (before and after the CRF) "
@@ -153,7 +155,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"pseudo masks of {args.run}: mIoU {100 * r['miou']:.2f} (before CRF), {100 * r['miou_crf']:.2f} (after CRF)")
         return 0
     if args.pred is None or args.split is None or args.root is None:
-        p.error("give --run RUN, or --pred DIR --split SPLIT --root DATA_ROOT")
+        p.error("give --run-dir RUN, or --pred DIR --split SPLIT --root DATA_ROOT")
     ds = build_dataset(DataConfig(dataset=args.dataset, root=args.root), args.split)
     cm = evaluate_folder(args.pred, ds).cm
     print_table(ds.classes, {"IoU %": cm.iou()}, f"{args.pred} on {args.split} ({len(ds)} images)")

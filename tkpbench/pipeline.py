@@ -8,49 +8,58 @@
 
     python -m tkpbench.pipeline ablation --seeds 0,1,2   # every variant with three training seeds
 
-Stages: check data -> train -> pseudo masks -> CRF -> mask mIoU (Table 1) -> DeepLab train ->
-DeepLab eval (Tables 2/3) -> report. Each stage runs as its own process on the requested config
-(the file and every ``--set``). A finished stage is recognised by its DONE marker or record,
-which carry the sha256 of the final.pt they came from and the settings they were made with
-(``tkpbench.runs.STAGE_KEYS``): re-running the same command after a crash costs only the
-unfinished stage; a changed ``pseudo.*``, ``crf.*`` or ``seg.*`` value redoes that stage and
-every stage after it (the differing keys are printed). A finished run trained with another
-config stops the chain with the fix. Missing data stops before any training. Ctrl-C or SIGTERM
-reaches the running stage, which saves what it has; the pipeline exits non-zero and the same
-command continues.
+Stages: check data and device, plan -> train -> pseudo masks -> CRF -> mask mIoU (Table 1) ->
+DeepLab train -> DeepLab eval (Tables 2/3) -> report; the loop runs ``config.STAGES`` in order.
+Each stage runs as its own command on the requested config (the file and every ``--set``) and,
+when it finishes, writes its own DONE marker or record (the same when a person runs it by
+hand), which names the sha256 of the final.pt it came from and the values of the config keys
+declared to change it and the stages it reads (``tkpbench.config.key``, ``runs.chain_settings``).
+Re-running the same command after a crash costs only the unfinished stage; a changed value
+redoes that stage and every stage after it (the differing keys are printed). A finished run
+trained with another config stops the chain with the fix. Missing data, a real run without a
+usable GPU, or a global batch that no process count keeps stop before anything runs. Ctrl-C or
+SIGTERM reaches the running stage, which saves what it has; the pipeline exits non-zero and the
+same command continues.
+
+Processes: every stage of every chain is planned before the first starts (``tkpbench.plan``):
+a stage with a global batch takes the largest process count, at most the GPUs (or ``--nproc``),
+that keeps it exactly; the plan is printed and written to ``runs/<name>/plan.json``.
 
 Seeds: ``--seeds 0,1,2`` runs the chain once per training seed, each in its own run folder
 ``<name>-s<seed>`` with its own record; re-running with more seeds reuses the finished ones.
-Training, pseudo masks and DeepLab run under torchrun over all visible GPUs (one process on CPU).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from tkpbench import cli
-from tkpbench.config import Config, diff_configs, load_config
+from tkpbench.config import STAGES, Config, diff_configs, load_config
 from tkpbench.data.check import check_dataset
 from tkpbench.data.synth import make_synthetic
+from tkpbench.device import resolve as resolve_device
 from tkpbench.errors import Interrupted, UserError
+from tkpbench.io import atomic_write_json
+from tkpbench.plan import StagePlan, chain_plan, format_plan
 from tkpbench.records import load_summary
 from tkpbench.runs import (
+    ResultsDir,
     RunDir,
     chain_settings,
-    claim_outputs,
+    marker_mismatch,
     model_digest,
-    read_marker,
-    settings_diff,
     training_view,
-    write_marker,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +68,20 @@ SWEEP_K = [1, 2, 4, 6, 8, 12]
 SWEEP_EPS = [0.75, 0.8, 0.85, 0.9, 0.95]
 # default training seeds of each target (what one more seed costs: README, "Seeds")
 DEFAULT_SEEDS = {"voc": [0], "coco": [0], "ablation": [0], "sweep": [0], "demo": [0, 1, 2]}
+TARGETS = tuple(DEFAULT_SEEDS)
+# the coco target's overrides of the VOC configs
+COCO = [
+    "data.root=data/coco",
+    "data.dataset=coco",
+    "model.num_classes=81",
+    "data.train_split=train2014",
+    "data.val_split=val2014",
+    "data.mask_split=train2014",
+    "data.seg_train_split=train2014",
+    # the WSSS convention for DeepLab-v2 on COCO: 100k iterations at batch 10, as deeplab-pytorch's
+    # configs/cocostuff164k.yaml (ITER_MAX 100000, batch 5 x ITER_SIZE 2)
+    "seg.iters=100000",
+]
 
 
 class PipelineError(UserError, RuntimeError):
@@ -70,15 +93,19 @@ class PipelineInterrupted(Interrupted, PipelineError):
 
 
 def _stage(module: str, args: list[str], nproc: int, log) -> None:
-    """Run one stage (``python -m <module> <args>``). With one process it runs in this process
-    (its ``main``), which saves the 4-6 s of importing torch, timm and torchvision per stage (a
-    third of a demo chain's time, measured); with several, under torchrun. A signal reaches the
-    stage, which saves what it has; the pipeline then stops with 128 + the signal number."""
+    """Run one stage (``python -m <module> <args>``). On a machine without a GPU and with one
+    process it runs in this process (its ``main``), which saves the 4-6 s of importing torch, timm
+    and torchvision per stage (a third of a demo chain's time, measured). Otherwise it is a child
+    process, under torchrun with several, so that this process never holds a CUDA context while
+    the stages use the GPUs. A signal reaches the stage, which saves what it has; the pipeline then
+    stops with 128 + the signal number."""
     shown = "python -m " if nproc == 1 else f"torchrun --standalone --nproc_per_node={nproc} -m "
     log("$ " + shown + " ".join([module, *args]))
     t0 = time.perf_counter()
-    if nproc == 1:
+    if nproc == 1 and not torch.cuda.is_available():
         rc = _in_process(module, args)
+    elif nproc == 1:
+        rc = _subprocess([sys.executable, "-m", module, *args])
     else:
         rc = _subprocess(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *args]
@@ -86,13 +113,13 @@ def _stage(module: str, args: list[str], nproc: int, log) -> None:
     if rc > 128 or rc < 0:
         sig = rc - 128 if rc > 128 else -rc
         raise PipelineInterrupted(
-            f"stopped by signal {sig} during: python -m {module} {' '.join(args)}\nWhat was "
+            f"stopped by signal {sig} during: {shown}{module} {' '.join(args)}\nWhat was "
             "finished is kept; run the same command again to continue.",
             sig,
         )
     if rc:
         raise PipelineError(
-            f"stage failed (exit {rc}; its message is above): python -m {module} {' '.join(args)}\n"
+            f"stage failed (exit {rc}; its message is above): {shown}{module} {' '.join(args)}\n"
             "Fix what it says, then run the same command again to continue from here."
         )
     log(f"  done in {time.perf_counter() - t0:.1f} s")
@@ -134,11 +161,11 @@ def _subprocess(cmd: list[str]) -> int:
     return 128 + got[0] if got and rc else rc
 
 
-def has_stage(results: Path, run: str, stage: str, model: str, settings: dict) -> bool:
+def has_stage(results: ResultsDir, run: str, stage: str, model: str, settings: dict) -> bool:
     """Whether ``results/<run>/summary.json`` holds ``stage`` measured on the model ``model`` (a
     ``model_digest``) with these ``settings``: a record of another model or settings is redone."""
     try:
-        rec = load_summary(results / run / "summary.json")["stages"].get(stage)
+        rec = load_summary(results.summary(run))["stages"].get(stage)
     except (ValueError, FileNotFoundError):
         return False
     return rec is not None and rec.get("model_sha256") == model and rec.get("settings") == settings
@@ -148,7 +175,7 @@ def check_same_config(cfg: Config, run: RunDir) -> None:
     """A finished run is reused only for the config it was trained with; otherwise stop and show the keys."""
     if not run.config.is_file():
         return
-    diff = diff_configs(training_view(load_config(run.config).to_dict()), training_view(cfg.to_dict()))
+    diff = diff_configs(training_view(load_config(run.config)), training_view(cfg))
     if diff:
         raise PipelineError(
             f"{run.final} was trained with another config (trained -> requested):\n  "
@@ -157,23 +184,8 @@ def check_same_config(cfg: Config, run: RunDir) -> None:
         )
 
 
-def stage_done(marker: Path, model: str, settings: dict, log) -> bool:
-    """Whether a stage's DONE marker exists for ``model`` and ``settings``. A marker of another
-    model or other settings is removed (the stage's own files are replaced when it runs again)."""
-    have = read_marker(marker)
-    if have is None:
-        return False
-    if have.get("model_sha256") == model and have.get("settings") == settings:
-        return True
-    why = ([f"final.pt: {have.get('model_sha256')} -> {model}"] if have.get("model_sha256") != model else []) + settings_diff(
-        have.get("settings") or {}, settings
-    )
-    log(f"[redo] {marker.name}: made with other settings ({'; '.join(why)})")
-    marker.unlink(missing_ok=True)
-    return False
-
-
-def check_data(cfg: Config, log) -> None:
+def check_data(cfg: Config) -> list[str]:
+    """The data check's lines; raises PipelineError (nothing started) when something is missing."""
     splits = sorted({cfg.data.train_split, cfg.data.val_split, cfg.data.mask_split, cfg.data.seg_train_split})
     ok, lines = check_dataset(cfg.data.dataset, cfg.data.root, splits)
     for what, key, path in (
@@ -190,62 +202,141 @@ def check_data(cfg: Config, log) -> None:
             ok = False
             lines.append(f"  {what} weights {path}: MISSING. Fix: python -m tkpbench.data download weights --root weights")
     if not ok:
-        raise PipelineError("data check failed; nothing was started:\n" + "\n".join(lines))
-    log("\n".join(lines))
+        raise PipelineError(f"data check of {cfg.name} failed; nothing was started:\n" + "\n".join(lines))
+    return lines
 
 
-def run_chain(cfg_path: Path, overrides: list[str], runs: Path, results: Path, nproc: int, seg: bool = True, log=print) -> str:
-    """All stages for one config. Returns the run name."""
+@dataclass
+class Step:
+    """One stage of a chain: a declared stage (``config.STAGES``), the command that runs it, and
+    how to tell that its outputs are there for this final.pt and these settings."""
+
+    stage: str
+    what: str
+    module: str
+    args: list[str]
+    done: Callable[[], bool]
+
+
+@dataclass
+class Chain:
+    """One config's chain: its resolved config, how it is passed to every stage, and its plan."""
+
+    cfg: Config
+    conf: list[str]  # --config FILE --set ... (what every stage is given)
+    run: RunDir
+    seg: bool
+    plan: dict[str, StagePlan] = field(default_factory=dict)
+
+    @property
+    def stages(self) -> list[str]:
+        return [s for s in STAGES if self.seg or s not in ("seg", "seg_eval")]
+
+    def splits(self) -> list[str]:
+        d = self.cfg.data
+        return list(dict.fromkeys([d.seg_train_split if self.seg else d.mask_split, d.mask_split]))
+
+
+def marked(run: RunDir, stage: str, cfg: Config, split: str | None, log) -> bool:
+    """Whether ``stage``'s own marker says it is done for this final.pt and these settings."""
+    why = marker_mismatch(run, stage, cfg, split)
+    if why:
+        log(f"[redo] {run.marker(stage, split).name}: made with other settings ({'; '.join(why)})")
+    return why is None
+
+
+def steps(chain: Chain, results: ResultsDir, common: list[str], log) -> list[Step]:
+    """The chain's stages in order. Each ``done`` is asked only when its turn comes (after the
+    stages before it ran), so final.pt's digest is read once it exists."""
+    cfg, run, name = chain.cfg, chain.run, chain.cfg.name
+    conf, rd = chain.conf, ["--run-dir", str(run.root)]
+
+    def trained() -> bool:
+        if run.final.is_file():
+            check_same_config(cfg, run)
+            return True
+        return False
+
+    out = [Step("train", "train", "tkpbench.train", [*conf, "--runs", str(run.root.parent), *common], trained)]
+    for split in chain.splits():
+        for stage, what, module in (("pseudo", "pseudo masks", "tkpbench.pseudo"), ("crf", "CRF", "tkpbench.refine")):
+            out.append(
+                Step(
+                    stage,
+                    f"{what} {split}",
+                    module,
+                    [*rd, "--split", split, *conf, *common],
+                    functools.partial(marked, run, stage, cfg, split, log),
+                )
+            )
+    out.append(
+        Step(
+            "mask",
+            "mask mIoU (Table 1)",
+            "tkpbench.evaluate",
+            [*rd, "--results", str(results.root), *conf, *common],
+            lambda: has_stage(results, name, "mask", model_digest(run.final), chain_settings("mask", cfg)),
+        )
+    )
+    if chain.seg:
+        out.append(
+            Step(
+                "seg",
+                "DeepLab train",
+                "tkpbench.segment",
+                ["train", *rd, *conf, *common],
+                lambda: run.seg.final.is_file() and marked(run, "seg", cfg, None, log),
+            )
+        )
+        out.append(
+            Step(
+                "seg_eval",
+                "DeepLab eval",
+                "tkpbench.segment",
+                ["eval", *rd, "--results", str(results.root), *conf, *common],
+                lambda: has_stage(results, name, "seg", model_digest(run.seg.final), chain_settings("seg_eval", cfg)),
+            )
+        )
+    return out
+
+
+def prepare(cfg_path: Path, overrides: list[str], runs: Path, slots: int, seg: bool, device: str | None, log=print) -> Chain:
+    """Load, check the data and the device, and plan one chain; nothing runs yet."""
     cfg = load_config(cfg_path, overrides)
-    name = cfg.name
-    run = RunDir(runs / name)
-    check_data(cfg, log)
+    log("\n".join(check_data(cfg)))
+    resolve_device(device, cfg.synthetic)  # a real run without a usable GPU stops here, with the reason
     conf = ["--config", str(cfg_path), *[x for ov in overrides for x in ("--set", ov)]]
-    common = ["--no-progress"] if not sys.stdout.isatty() else []
-    if not run.final.is_file():
-        _stage("tkpbench.train", [*conf, "--runs", str(runs), *common], nproc, log)
-    else:
-        check_same_config(cfg, run)
-        log(f"[skip] train: {run.final} exists")
-    model = model_digest(run.final)
-    pseudo_set, crf_set = chain_settings("pseudo", cfg), chain_settings("crf", cfg)
-    splits = list(dict.fromkeys([cfg.data.seg_train_split if seg else cfg.data.mask_split, cfg.data.mask_split]))
-    for split in splits:
-        marker = run.marker("pseudo", split)
-        if not stage_done(marker, model, pseudo_set, log):
-            run.marker("crf", split).unlink(missing_ok=True)
-            _stage("tkpbench.pseudo", ["--run", str(run.root), "--split", split, *conf, *common], nproc, log)
-            write_marker(marker, model, pseudo_set, split=split, time=time.time())
-        else:
-            log(f"[skip] pseudo masks {split}")
-        marker = run.marker("crf", split)
-        if not stage_done(marker, model, crf_set, log):
-            _stage("tkpbench.refine", ["--run", str(run.root), "--split", split, *conf, *common], 1, log)
-            write_marker(marker, model, crf_set, split=split, time=time.time())
-        else:
-            log(f"[skip] CRF {split}")
-    if not has_stage(results, name, "mask", model, crf_set):
-        _stage("tkpbench.evaluate", ["--run", str(run.root), "--results", str(results), *conf], 1, log)
-    else:
-        log(f"[skip] mask mIoU: recorded for this final.pt in {results / name / 'summary.json'}")
-    if seg:
-        seg_set = chain_settings("seg", cfg)
-        if run.seg.final.is_file() and stage_done(run.marker("seg"), model, seg_set, log):
-            log("[skip] DeepLab train")
-        else:
-            # a DeepLab folder (finished or partial) trained on other pseudo masks or settings is removed;
-            # a partial one of the same model and settings resumes
-            stale = claim_outputs(run.root, model, seg_set, ("seg",))
-            if stale:
-                log(f"[redo] DeepLab: removed {run.seg.root} ({'; '.join(stale)})")
-            _stage("tkpbench.segment", ["train", "--run", str(run.root), *conf, *common], nproc, log)
-            write_marker(run.marker("seg"), model, seg_set, time=time.time())
-        eval_set = chain_settings("seg_eval", cfg)
-        if not has_stage(results, name, "seg", model_digest(run.seg.final), eval_set):
-            _stage("tkpbench.segment", ["eval", "--run", str(run.root), "--results", str(results), *conf, *common], nproc, log)
-        else:
-            log("[skip] DeepLab eval")
-    return name
+    chain = Chain(cfg, conf, RunDir(runs / cfg.name), seg)
+    chain.plan = chain_plan(cfg, slots, chain.stages)
+    return chain
+
+
+def run_planned(chain: Chain, results: ResultsDir, device: str | None = None, log=print) -> str:
+    """All stages of one planned chain, each skipped when its outputs are there. Returns the run name."""
+    atomic_write_json(chain.run.root / "plan.json", {s: p.to_dict() for s, p in chain.plan.items()})
+    common = (["--no-progress"] if not sys.stdout.isatty() else []) + (["--device", device] if device else [])
+    for step in steps(chain, results, common, log):
+        if step.done():
+            log(f"[skip] {step.what}")
+            continue
+        _stage(step.module, step.args, chain.plan[step.stage].nproc, log)
+    return chain.cfg.name
+
+
+def run_chain(
+    cfg_path: Path,
+    overrides: list[str],
+    runs: Path,
+    results: Path,
+    slots: int,
+    seg: bool = True,
+    device: str | None = None,
+    log=print,
+) -> str:
+    """Check, plan and run one chain (``prepare`` + ``run_planned``). Returns the run name."""
+    chain = prepare(cfg_path, overrides, runs, slots, seg, device, log)
+    log(format_plan(chain.cfg.name, chain.plan))
+    return run_planned(chain, ResultsDir(results), device, log)
 
 
 def sweep_configs(base: Path, out_dir: Path) -> list[Path]:
@@ -287,9 +378,31 @@ def parse_seeds(text: str | None, target: str) -> list[int]:
     return seeds
 
 
+def target_chains(target: str, ov: list[str], runs: Path, demo_data: Path) -> tuple[list[tuple[Path, list[str]]], bool]:
+    """The (config file, overrides) of each chain of ``target`` before seeds, and whether the
+    chains go on to DeepLab. The one place that says what a target runs (the benchmarks read it too)."""
+    if target == "demo":
+        if not (demo_data / "SYNTHETIC.json").is_file():
+            print(f"generating demo data in {demo_data}")
+            make_synthetic(demo_data, n=200, seed=0)
+        demo_cfg = REPO / "configs" / "demo.toml"
+        root = ["data.root=" + str(demo_data / "VOC2012")]
+        return [(demo_cfg, root + ov), (demo_cfg, root + ["name=demo_max", "model.pooling=max", "model.pce=false"] + ov)], True
+    if target == "voc":
+        # TKP-PCL and ViT-PCM as published (the ViT-PCM row of Tables 1-2 is measured from vit_pcm.toml only)
+        return [(BASELINES / f"{name}.toml", ["data.dataset=voc"] + ov) for name in ("topk_pce", "vit_pcm")], True
+    if target == "coco":
+        return [(BASELINES / f"{name}.toml", COCO + [f"name=coco_{name}"] + ov) for name in ("topk_pce", "vit_pcm")], True
+    if target == "ablation":
+        return [(BASELINES / f"{name}.toml", ov) for name in ("avg", "vit_pcm_max", "topk", "topk_pce")], True
+    cfg_dir = runs / "sweep_configs"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    return [(c, ov) for c in sweep_configs(BASELINES / "topk_pce.toml", cfg_dir)], False
+
+
 def _main(argv: list[str] | None = None) -> int:
     p = cli.parser("tkpbench reproduce", __doc__)
-    p.add_argument("target", choices=["voc", "coco", "ablation", "sweep", "demo"])
+    p.add_argument("target", choices=TARGETS)
     p.add_argument(
         "--set",
         dest="overrides",
@@ -306,48 +419,34 @@ def _main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--runs", type=Path, default=Path("runs"))
     p.add_argument("--results", type=Path, default=Path("results"))
-    p.add_argument("--nproc", type=int, default=None, help="processes (default: number of GPUs, or 1)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="processes at most per stage (default: the number of GPUs, or 1); each stage takes the largest "
+        "count that keeps its global batch (the plan printed at the start)",
+    )
     p.add_argument("--demo-data", type=Path, default=Path("data/demo"))
     args = p.parse_args(argv)
-    nproc = args.nproc or max(torch.cuda.device_count(), 1)
+    if args.nproc is not None and args.nproc < 1:
+        raise PipelineError(f"--nproc {args.nproc}: give a number of processes >= 1")
+    slots = args.nproc or max(torch.cuda.device_count(), 1)
     seeds = parse_seeds(args.seeds, args.target)
     ov = args.overrides
     t0 = time.perf_counter()
-    seg = True
     if args.target == "demo":
-        if not (args.demo_data / "SYNTHETIC.json").is_file():
-            print(f"generating demo data in {args.demo_data}")
-            make_synthetic(args.demo_data, n=200, seed=0)
-        demo_cfg = REPO / "configs" / "demo.toml"
-        root = ["data.root=" + str(args.demo_data / "VOC2012")]
-        chains = [(demo_cfg, root + ov), (demo_cfg, root + ["name=demo_max", "model.pooling=max", "model.pce=false"] + ov)]
-        nproc = 1
-    elif args.target == "voc":
-        # TKP-PCL and ViT-PCM as published (the ViT-PCM row of Tables 1-2 is measured from vit_pcm.toml only)
-        chains = [(BASELINES / f"{name}.toml", ["data.dataset=voc"] + ov) for name in ("topk_pce", "vit_pcm")]
-    elif args.target == "coco":
-        coco = [
-            "data.root=data/coco",
-            "data.dataset=coco",
-            "model.num_classes=81",
-            "data.train_split=train2014",
-            "data.val_split=val2014",
-            "data.mask_split=train2014",
-            "data.seg_train_split=train2014",
-            # the WSSS convention for DeepLab-v2 on COCO: 100k iterations at batch 10, as deeplab-pytorch's
-            # configs/cocostuff164k.yaml (ITER_MAX 100000, batch 5 x ITER_SIZE 2)
-            "seg.iters=100000",
-        ]
-        chains = [(BASELINES / f"{name}.toml", coco + [f"name=coco_{name}"] + ov) for name in ("topk_pce", "vit_pcm")]
-    elif args.target == "ablation":
-        chains = [(BASELINES / f"{name}.toml", ov) for name in ("avg", "vit_pcm_max", "topk", "topk_pce")]
-    else:
-        cfg_dir = args.runs / "sweep_configs"
-        cfg_dir.mkdir(parents=True, exist_ok=True)
-        chains = [(c, ov) for c in sweep_configs(BASELINES / "topk_pce.toml", cfg_dir)]
-        seg = False
-    for path, chain_ov in seeded(chains, seeds, single_name=args.target != "demo"):
-        run_chain(path, chain_ov, args.runs, args.results, nproc, seg=seg)
+        slots = args.nproc or 1
+    chains, seg = target_chains(args.target, ov, args.runs, args.demo_data)
+    # every chain is checked and planned before the first stage of the first one starts
+    planned = [
+        prepare(path, chain_ov, args.runs, slots, seg, args.device)
+        for path, chain_ov in seeded(chains, seeds, args.target != "demo")
+    ]
+    for chain in planned:
+        print(format_plan(chain.cfg.name, chain.plan))
+    results = ResultsDir(args.results)
+    for chain in planned:
+        run_planned(chain, results, args.device)
     _stage("tkpbench.report", [str(args.results), "--runs", str(args.runs)], 1, lambda *_: None)
     print(f"{args.target}: finished in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -32,6 +32,8 @@ from tkpbench import distributed as D
 from tkpbench.config import Config
 from tkpbench.data.common import save_mask
 from tkpbench.data.transforms import build_dataset
+from tkpbench.device import announce
+from tkpbench.device import resolve as resolve_device
 from tkpbench.model import TKPPCL, merged_grid, upsample_probs
 from tkpbench.progress import track
 from tkpbench.runs import (
@@ -39,6 +41,7 @@ from tkpbench.runs import (
     claim_outputs,
     load_final,
     load_probs,
+    mark_done,
     model_digest,
     png_ok,
     run_config,
@@ -91,6 +94,8 @@ def generate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
     base = build_dataset(cfg.data, split)
     run = RunDir(run_dir)
     if dist.is_main:  # outputs of another final.pt or other settings (a resumed stage) are removed, never mixed
+        for stage in ("pseudo", "crf"):  # this split is not done (nor its CRF) until this stage marks it again
+            run.marker(stage, split).unlink(missing_ok=True)
         stale = claim_outputs(run.pseudo, model_digest(run.final), stage_settings("pseudo", cfg), ("masks", "probs"))
         if stale:
             print(f"pseudo masks in {run.pseudo} were made from another model or settings ({'; '.join(stale)}): made again")
@@ -138,18 +143,19 @@ def generate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
 
 
 def _main(argv: list[str] | None = None) -> int:
-    p = cli.parser("tkpbench pseudo", __doc__, cli.config_options())
-    p.add_argument("--run", type=Path, required=True, help="run folder holding final.pt (e.g. runs/topk_pce)")
+    p = cli.parser("tkpbench pseudo", __doc__, cli.config_options(), cli.run_dir_option())
     p.add_argument("--split", default=None, help="default: data.seg_train_split of the run's config")
     args = p.parse_args(argv)
     cfg = run_config(args.run, args.config, args.overrides)
-    dist = D.setup(args.device)
+    dist = D.setup(resolve_device(args.device, cfg.synthetic))
+    announce("pseudo", dist)
     try:
         split = args.split or cfg.data.seg_train_split
         t = time.perf_counter()
         n = generate(args.run, split, dist, cfg, progress=not args.no_progress)
         D.barrier()
         if dist.is_main:
+            mark_done(RunDir(args.run), "pseudo", cfg, split)
             print(f"pseudo masks: {n} new images on rank 0 in {time.perf_counter() - t:.1f} s -> {args.run}/pseudo")
     finally:
         D.cleanup()

@@ -47,7 +47,8 @@ class StageRecord:
     # sha256 (16 hex) of the weights measured: runs/<run>/final.pt ("mask") or runs/<run>/seg/final.pt
     # ("seg"). The pipeline reuses a record only for the model it measured, never for a retrained one.
     model_sha256: str = ""
-    # the config values the measured outputs depend on (tkpbench.runs.STAGE_KEYS); a change re-measures
+    # the config values the measured outputs depend on (tkpbench.runs.chain_settings, from the keys
+    # declared in tkpbench.config); a change re-measures
     settings: dict[str, Any] = field(default_factory=dict)
     # per-image intersection/union counts beside the record (tkpbench.stats), relative to summary.json
     counts_file: str = ""
@@ -93,7 +94,7 @@ def machine_info() -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return {
         "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
+        "cores": len(os.sched_getaffinity(0)),  # the CPUs this process may use
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if cuda else "",
         "gpus": torch.cuda.device_count() if cuda else 0,
@@ -122,7 +123,7 @@ def device_name() -> str:
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
         return f"{n}x {torch.cuda.get_device_name(0)}"
-    return f"CPU ({_cpu_model()}, {os.cpu_count()} cores)"
+    return f"CPU ({_cpu_model()}, {len(os.sched_getaffinity(0))} cores)"
 
 
 def stamp(rec: StageRecord, wall_time_s: float) -> StageRecord:
@@ -140,7 +141,7 @@ def write_stage(results_dir: Path, run: str, rec: StageRecord, config: dict[str,
     path = Path(results_dir) / run / "summary.json"
     data = load_summary(path) if path.is_file() else {"schema": SCHEMA_VERSION, "run": run, "stages": {}}
     data["config"] = config
-    data["cwd"] = os.getcwd()  # what a relative data.root in the config is relative to
+    data.pop("cwd", None)  # records of earlier versions: nothing in a record depends on where it was made
     data["synthetic"] = bool(rec.synthetic)
     data["stages"][rec.stage] = asdict(rec)
     atomic_write_json(path, data)

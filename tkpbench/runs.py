@@ -19,6 +19,7 @@ refused, and so is a file that is not a tkpbench checkpoint.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import io
@@ -34,45 +35,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tkpbench.config import Config, apply_overrides, config_from_dict, load_config
+from tkpbench.config import Config, apply_overrides, config_from_dict, load_config, stage_keys, upstream
 from tkpbench.errors import CheckpointError, RunLockedError
 from tkpbench.io import atomic_write_bytes, atomic_write_json, file_digest
 
 CHECKPOINT_FORMAT = "tkpbench-checkpoint-v2"
-
-# Config keys each stage's outputs depend on. A DONE marker stores their values; a change redoes
-# that stage and every stage after it. Keys that only affect speed (workers, device) are left out.
-STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "pseudo": (
-        "pseudo.infer_size",
-        "pseudo.save_probs",
-        "pseudo.align_corners",
-        "data.tags",
-        "data.dataset",
-        "data.root",
-        "data.coco_protocol",
-    ),
-    "crf": ("crf.iters", "crf.gauss_sxy", "crf.gauss_compat", "crf.bi_sxy", "crf.bi_srgb", "crf.bi_compat", "crf.backend"),
-    "seg": (
-        "seg.backbone",
-        "seg.output_stride",
-        "seg.weights",
-        "seg.crop",
-        "seg.batch_size",
-        "seg.lr",
-        "seg.head_lr_mult",
-        "seg.momentum",
-        "seg.weight_decay",
-        "seg.poly_power",
-        "seg.iters",
-        "seg.scale_range",
-        "seg.use_crf_masks",
-        "seg.freeze_bn",
-        "data.seg_train_split",
-        "train.seed",
-    ),
-    "seg_eval": ("seg.eval_scales", "seg.eval_flip", "seg.eval_crf"),
-}
 
 
 class RunDir:
@@ -109,6 +76,42 @@ class RunDir:
 
     def mask_dir(self, use_crf: bool) -> Path:
         return self.crf if use_crf else self.masks
+
+
+class ResultsDir:
+    """The layout of ``results/``: what the scoring stages write and the report reads.
+
+        results/<run>/summary.json        one record per scored stage ("mask", "seg"): figures,
+                                          model digest, settings, machine, command, commit
+        results/<run>/counts_<stage>.npz  per-image, per-class pixel counts behind every interval
+        results/<run>/curves.png          training curves
+        results/TABLES.md, results/*.png  the report's tables and figures
+
+    Nothing in it depends on the folder it was made in: counts are named relative to summary.json,
+    and a relative data.root in a record's config is relative to where the report runs."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"ResultsDir({str(self.root)!r})"
+
+    def summary(self, run: str) -> Path:
+        return self.root / run / "summary.json"
+
+    def counts(self, run: str, stage: str) -> Path:
+        return self.root / run / f"counts_{stage}.npz"
+
+    def curves(self, run: str) -> Path:
+        return self.root / run / "curves.png"
+
+    def figure(self, name: str) -> Path:
+        return self.root / name
+
+    tables = property(lambda self: self.root / "TABLES.md")
+
+    def summaries(self) -> list[Path]:
+        return sorted(self.root.glob("*/summary.json"))
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -186,7 +189,11 @@ def run_config(run: str | Path | RunDir, config: Path | None = None, overrides: 
 
 class RunLock:
     """An exclusive ``flock`` on ``<run>/.lock`` for the life of a training. The kernel releases it
-    when the process dies, so a killed run never leaves a stale lock; the file names the holder."""
+    when the process dies, so a killed run never leaves a stale lock; the file names the holder.
+    A file system without ``flock`` (NFS without its lock daemon, Lustre without -o flock) is
+    refused with the fix, never trained in unlocked."""
+
+    NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # errno.ENOTSUP is EOPNOTSUPP on Linux
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / ".lock"
@@ -204,6 +211,15 @@ class RunLock:
                 f"{self.path.parent} is in use by another training ({holder}); wait for it to finish "
                 "or stop it, or choose another run name"
             ) from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in self.NO_FLOCK:
+                raise
+            raise RunLockedError(
+                f"cannot lock {self.path}: its file system does not support flock ({e.strerror}). Fix: put the "
+                "runs folder on a local or flock-capable file system (--runs PATH), or mount it with flock support "
+                "(Lustre: -o flock; NFS: start the lock daemon rpc.statd, or -o local_lock=flock, which locks per node only)"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
         self.fd = fd
@@ -218,37 +234,34 @@ class RunLock:
 
 # ---------------------------------------------------------------------------------------------- stage settings
 
-# Training keys that change only speed or bookkeeping, never the trained weights.
-RUNTIME_KEYS = {"workers", "log_every", "ckpt_every", "keep_checkpoints", "eval_every", "cache_images"}
-
-
-def training_view(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The part of a config a trained TKP-PCL model depends on (what a resume or reuse must match)."""
-    keep = {k: cfg[k] for k in ("model", "data", "train", "synthetic") if k in cfg}
-    return {
-        k: ({kk: vv for kk, vv in v.items() if kk not in RUNTIME_KEYS} if isinstance(v, dict) else v) for k, v in keep.items()
-    }
-
 
 def _get(cfg: dict[str, Any], dotted: str) -> Any:
-    sec, key = dotted.split(".")
-    return cfg.get(sec, {}).get(key)
+    *sec, name = dotted.split(".")
+    for s in sec:
+        cfg = cfg.get(s, {})
+    return cfg.get(name)
+
+
+def _flat(cfg: Config | dict[str, Any]) -> tuple[dict[str, Any], type]:
+    return (cfg.to_dict(), type(cfg)) if isinstance(cfg, Config) else (cfg, Config)
 
 
 def stage_settings(stage: str, cfg: Config | dict[str, Any]) -> dict[str, Any]:
-    """The config values ``stage``'s outputs depend on (``STAGE_KEYS``)."""
-    d = cfg.to_dict() if isinstance(cfg, Config) else cfg
-    return {k: _get(d, k) for k in STAGE_KEYS[stage]}
+    """The values of the keys declared to change ``stage``'s own outputs (``config.stage_keys``)."""
+    d, root = _flat(cfg)
+    return {k: _get(d, k) for k in stage_keys(stage, root)}
+
+
+def training_view(cfg: Config | dict[str, Any]) -> dict[str, Any]:
+    """What a trained TKP-PCL model depends on (what a resume or reuse of final.pt must match)."""
+    return stage_settings("train", cfg)
 
 
 def chain_settings(stage: str, cfg: Config | dict[str, Any]) -> dict[str, Any]:
-    """What ``stage``'s outputs depend on, its own settings and those of every stage before it:
-    "pseudo"; "crf" (= the "mask" record); "seg"; "seg_eval" (the "seg" record)."""
-    order = ["pseudo", "crf", "seg", "seg_eval"]
-    out: dict[str, Any] = {}
-    for s in order[: order.index(stage) + 1]:
-        out.update(stage_settings(s, cfg))
-    return out
+    """What ``stage``'s outputs depend on beyond final.pt (which markers and records name by its
+    digest): the keys of ``stage`` and of every stage it reads, except training's."""
+    d, root = _flat(cfg)
+    return {k: _get(d, k) for s in upstream(stage) if s != "train" for k in stage_keys(s, root)}
 
 
 def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -264,6 +277,26 @@ def read_marker(path: Path) -> dict[str, Any] | None:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None  # missing or damaged: the stage is not done
+
+
+def mark_done(run: RunDir, stage: str, cfg: Config, split: str | None = None) -> None:
+    """``stage``'s DONE marker, written by the stage itself (rank 0) once its outputs are complete,
+    whether the pipeline or a person started it: final.pt's digest and the chain's settings."""
+    write_marker(run.marker(stage, split), model_digest(run.final), chain_settings(stage, cfg), split=split)
+
+
+def marker_mismatch(run: RunDir, stage: str, cfg: Config, split: str | None = None) -> list[str] | None:
+    """None when ``stage``'s marker names this final.pt and these settings (the stage is done);
+    otherwise why not: an empty list when there is no marker, else the differences."""
+    have = read_marker(run.marker(stage, split))
+    if have is None:
+        return []
+    model, settings = model_digest(run.final), chain_settings(stage, cfg)
+    if have.get("model_sha256") == model and have.get("settings") == settings:
+        return None
+    return ([f"final.pt: {have.get('model_sha256')} -> {model}"] if have.get("model_sha256") != model else []) + settings_diff(
+        have.get("settings") or {}, settings
+    )
 
 
 def claim_outputs(folder: Path, model: str, settings: dict[str, Any], subdirs: tuple[str, ...]) -> list[str]:

@@ -27,15 +27,17 @@ from torch.utils.data import DataLoader, Subset
 from tkpbench import cli
 from tkpbench import distributed as D
 from tkpbench.config import Config, config_from_dict, dumps
-from tkpbench.crf import dense_crf
+from tkpbench.crf import crf_device, dense_crf
 from tkpbench.data.common import save_mask
 from tkpbench.data.transforms import EvalSet, PseudoMaskSet, build_dataset, eval_transform, seg_train_transform
 from tkpbench.deeplab import IMAGENET_MEAN, IMAGENET_STD, DeepLabV2, predict_probs, resize_labels
+from tkpbench.device import announce
+from tkpbench.device import resolve as resolve_device
 from tkpbench.engine import Task, fit, fused_optimizer, unwrap
 from tkpbench.metrics import ConfusionMatrix
 from tkpbench.progress import track
 from tkpbench.records import StageRecord, per_class_dict, stamp, write_stage
-from tkpbench.runs import RunDir, chain_settings, load_final, model_digest, run_config
+from tkpbench.runs import RunDir, chain_settings, claim_outputs, load_final, mark_done, model_digest, run_config
 from tkpbench.stats import save_counts
 
 
@@ -118,13 +120,7 @@ class SegTask(Task):
         return {"loss": ce}
 
     def resume_view(self, cfg: dict[str, Any]) -> dict[str, Any]:
-        seg = {
-            k: v
-            for k, v in cfg.get("seg", {}).items()
-            if k not in ("workers", "log_every", "ckpt_every", "eval_scales", "eval_flip", "eval_crf")
-        }
-        data = {k: cfg.get("data", {}).get(k) for k in ("dataset", "root", "seg_train_split")}
-        return {"seg": seg, "data": data}
+        return chain_settings("seg", cfg)
 
 
 EXAMPLES = 8  # eval images whose DeepLab prediction is kept (seg/examples/) for the report's Fig. 5
@@ -157,7 +153,8 @@ def evaluate(
             save_mask(run.seg.examples / f"{base.ids[int(idx)]}.png", probs.argmax(0).cpu().numpy().astype(np.uint8))
         iu = ConfusionMatrix.inter_union(cm.update(probs.argmax(0), mask[0].to(dist.device)))
         if cfg.seg.eval_crf:
-            q = dense_crf(base.image(int(idx)), probs.cpu().numpy().astype(np.float32), cfg.crf)
+            device = str(crf_device(cfg.crf.device, dist.local_rank))  # this rank's GPU (torch backend)
+            q = dense_crf(base.image(int(idx)), probs.cpu().numpy().astype(np.float32), cfg.crf, device=device)
             iu = iu + ConfusionMatrix.inter_union(cm_crf.update(q.argmax(0), mask[0].numpy()))
         mine[int(idx)] = iu
     cm.all_reduce()
@@ -203,18 +200,33 @@ def evaluate(
 
 
 def _main(argv: list[str] | None = None) -> int:
-    p = cli.parser("tkpbench segment", __doc__, cli.config_options(), cli.fit_options())
+    p = cli.parser(
+        "tkpbench segment",
+        __doc__,
+        cli.config_options(),
+        cli.fit_options(),
+        cli.run_dir_option("the TKP-PCL run whose pseudo masks DeepLab uses"),
+    )
     p.add_argument("cmd", choices=["train", "eval"])
-    p.add_argument("--run", type=Path, required=True, help="the TKP-PCL run whose pseudo masks are used")
     p.add_argument("--split", default=None, help="eval split (default: data.val_split)")
     p.add_argument("--results", type=Path, default=Path("results"))
     args = p.parse_args(argv)
     cfg = run_config(args.run, args.config, args.overrides)
-    dist = D.setup(args.device)
+    dist = D.setup(resolve_device(args.device, cfg.synthetic))
+    announce(f"segment {args.cmd}", dist)
     try:
         if args.cmd == "train":
-            seg_dir = RunDir(args.run).seg.root
-            fit(SegTask(cfg, args.run), cfg.to_dict(), seg_dir, dist, config_text=dumps(cfg), **cli.fit_kwargs(args))
+            run = RunDir(args.run)
+            if dist.is_main:
+                # a DeepLab folder (finished or partial) trained on other pseudo masks or settings is
+                # removed; a partial one of the same model and settings resumes
+                stale = claim_outputs(run.root, model_digest(run.final), chain_settings("seg", cfg), ("seg",))
+                if stale:
+                    print(f"DeepLab: removed {run.seg.root} ({'; '.join(stale)}): trained again", flush=True)
+            D.barrier()
+            fit(SegTask(cfg, args.run), cfg.to_dict(), run.seg.root, dist, config_text=dumps(cfg), **cli.fit_kwargs(args))
+            if dist.is_main and run.seg.final.is_file():
+                mark_done(run, "seg", cfg)
         else:
             r = evaluate(args.run, args.split or cfg.data.val_split, dist, cfg, not args.no_progress, args.results)
             if dist.is_main:
