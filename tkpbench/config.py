@@ -270,6 +270,10 @@ class SegConfig:
     # multi-scale (MSC) training, DeepLab-v2 / deeplab-pytorch: the loss sums the logits at scale 1,
     # at each of these input scales and their max fusion; [] = single scale
     msc_scales: list = key([0.5, 0.75], SEG, _msc)
+    # where each (MSC) output meets its labels: "output_stride" = deeplab-pytorch's (logits kept at
+    # the output stride, labels resized down to each with PIL nearest) or "input" = tkpbench before
+    # 0.x (logits upsampled to the input size, labels resized with F.interpolate nearest)
+    loss_at: str = key("output_stride", SEG, _choice("output_stride", "input"))
     momentum: float = key(0.9, SEG, _num(0, 1, hi_open=True))
     weight_decay: float = key(5e-4, SEG, NONNEG)
     poly_power: float = key(0.9, SEG, NONNEG)
