@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -63,7 +64,23 @@ from tkpbench.runs import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-BASELINES = REPO / "baselines"
+
+
+def _shipped(name: str) -> Path:
+    """``baselines/`` or ``configs/``: in the source tree, else as installed with the package
+    (``pip install .`` ships them as ``tkpbench.baselines`` and ``tkpbench.configs``, siblings as
+    in the tree, so ``base = "../baselines/..."`` keeps working)."""
+    if (REPO / name).is_dir():
+        return REPO / name
+    spec = importlib.util.find_spec(f"tkpbench.{name}")  # a folder of data files: a namespace package
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError(
+            f"the target configs ({name}/*.toml) are neither beside {REPO / 'tkpbench'} nor installed with the package. "
+            "Fix: run from a clone of the repository (pip install -e .), or reinstall with pip install ."
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 SWEEP_K = [1, 2, 4, 6, 8, 12]
 SWEEP_EPS = [0.75, 0.8, 0.85, 0.9, 0.95]
 # default training seeds of each target (what one more seed costs: README, "Seeds")
@@ -381,23 +398,24 @@ def parse_seeds(text: str | None, target: str) -> list[int]:
 def target_chains(target: str, ov: list[str], runs: Path, demo_data: Path) -> tuple[list[tuple[Path, list[str]]], bool]:
     """The (config file, overrides) of each chain of ``target`` before seeds, and whether the
     chains go on to DeepLab. The one place that says what a target runs (the benchmarks read it too)."""
+    baselines = _shipped("baselines")
     if target == "demo":
         if not (demo_data / "SYNTHETIC.json").is_file():
             print(f"generating demo data in {demo_data}")
             make_synthetic(demo_data, n=200, seed=0)
-        demo_cfg = REPO / "configs" / "demo.toml"
+        demo_cfg = _shipped("configs") / "demo.toml"
         root = ["data.root=" + str(demo_data / "VOC2012")]
         return [(demo_cfg, root + ov), (demo_cfg, root + ["name=demo_max", "model.pooling=max", "model.pce=false"] + ov)], True
     if target == "voc":
         # TKP-PCL and ViT-PCM as published (the ViT-PCM row of Tables 1-2 is measured from vit_pcm.toml only)
-        return [(BASELINES / f"{name}.toml", ["data.dataset=voc"] + ov) for name in ("topk_pce", "vit_pcm")], True
+        return [(baselines / f"{name}.toml", ["data.dataset=voc"] + ov) for name in ("topk_pce", "vit_pcm")], True
     if target == "coco":
-        return [(BASELINES / f"{name}.toml", COCO + [f"name=coco_{name}"] + ov) for name in ("topk_pce", "vit_pcm")], True
+        return [(baselines / f"{name}.toml", COCO + [f"name=coco_{name}"] + ov) for name in ("topk_pce", "vit_pcm")], True
     if target == "ablation":
-        return [(BASELINES / f"{name}.toml", ov) for name in ("avg", "vit_pcm_max", "topk", "topk_pce")], True
+        return [(baselines / f"{name}.toml", ov) for name in ("avg", "vit_pcm_max", "topk", "topk_pce")], True
     cfg_dir = runs / "sweep_configs"
     cfg_dir.mkdir(parents=True, exist_ok=True)
-    return [(c, ov) for c in sweep_configs(BASELINES / "topk_pce.toml", cfg_dir)], False
+    return [(c, ov) for c in sweep_configs(baselines / "topk_pce.toml", cfg_dir)], False
 
 
 def _main(argv: list[str] | None = None) -> int:
