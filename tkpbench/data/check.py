@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tkpbench.data.coco import COCOSegmentation
 from tkpbench.data.common import DatasetError
 from tkpbench.data.voc import VOCSegmentation
+from tkpbench.device import usable_cpus
 
 
 def _decode_one(ds, i: int) -> str | None:
@@ -30,7 +30,7 @@ def _decode_one(ds, i: int) -> str | None:
 def decode_all(ds, workers: int = 0, limit: int = 20) -> list[str]:
     """Decode every image and mask of ``ds`` (a truncated JPEG, a mask with a value out of range, an
     RGB mask or a mask of the wrong size is found); returns up to ``limit`` problems."""
-    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(workers or min(8, usable_cpus())) as pool:
         problems = [p for p in pool.map(lambda i: _decode_one(ds, i), range(len(ds))) if p]
     return problems[:limit]
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from pycocotools.coco import COCO
 
 from tkpbench.data.common import IGNORE, DatasetError, read_image, read_mask, save_mask
 from tkpbench.data.tagcache import cache_dir
+from tkpbench.device import usable_cpus
 from tkpbench.progress import track
 
 FIX_DOWNLOAD = "python -m tkpbench.data download coco --root DIR"
@@ -204,7 +204,7 @@ def _build_one(i: int) -> bool:
 def build_masks(ds: COCOSegmentation, workers: int = 0, progress: bool = True) -> int:
     """Write every semantic mask of ``ds`` as a PNG (parallel, resumable). Returns how many were built."""
 
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
     ds.mask_dir.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(len(ds)) if not ds.mask_path(i).is_file()]
     initargs = (str(ds.root), ds.split, str(ds.ann_file), str(ds.mask_dir), ds.skip_unannotated, ds.protocol)

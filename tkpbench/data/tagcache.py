@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from tkpbench.device import usable_cpus
 from tkpbench.io import atomic_write_bytes
 
 
@@ -47,7 +48,7 @@ def cached_tags(key: str, ids: list[str], sources: list[Path], compute: Callable
                     return f["tags"].astype(bool)
         except Exception:
             pass  # a damaged cache is recomputed, never trusted
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(min(8, usable_cpus())) as pool:
         tags = np.stack(list(pool.map(compute, range(n))))
     buf = io.BytesIO()
     np.savez(buf, tags=tags)

@@ -26,6 +26,7 @@ from scipy.io import loadmat
 
 from tkpbench.data.common import VOC_CLASSES, DatasetError, read_image, read_mask, save_mask, tags_from_mask
 from tkpbench.data.tagcache import cached_tags
+from tkpbench.device import usable_cpus
 from tkpbench.errors import ConfigError
 from tkpbench.io import atomic_write_text
 from tkpbench.progress import track
@@ -179,7 +180,7 @@ def prepare_train_aug(voc_root: Path, sbd_root: Path, workers: int = 0, progress
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(i, str(voc_root), str(sbd_root), str(out_dir)) for i in ids]
     counts = {"skipped": 0, "voc": 0, "sbd": 0}
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
 
     with ProcessPoolExecutor(workers) as pool:
         converted = pool.map(_convert_one, jobs, chunksize=64)
