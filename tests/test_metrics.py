@@ -53,3 +53,15 @@ def test_bad_inputs():
         cm.update(np.zeros((2, 2)), np.zeros((2, 3)))
     with pytest.raises(ValueError, match="outside"):
         cm.update(np.array([3]), np.array([0]))
+
+
+def test_precision_recall_and_class_counts_by_hand():
+    gt = np.array([[0, 0, 1], [1, 2, 255]])
+    pred = np.array([[0, 1, 1], [1, 0, 2]])
+    cm = ConfusionMatrix(4)
+    counts = cm.update(pred, gt)
+    inter, p, g = ConfusionMatrix.class_counts(counts)
+    assert inter.tolist() == [1, 2, 0, 0] and p.tolist() == [2, 3, 0, 0] and g.tolist() == [2, 2, 1, 0]
+    np.testing.assert_allclose(cm.precision(), [1 / 2, 2 / 3, np.nan, np.nan])
+    np.testing.assert_allclose(cm.recall(), [1 / 2, 1.0, 0.0, np.nan])
+    assert cm.matrix().dtype == np.int64 and cm.matrix().sum() == 5 and cm.matrix()[2, 0] == 1

@@ -151,3 +151,95 @@ def test_counts_round_trip_without_pickle(tmp_path):
     S.save_counts(tmp_path / "c.npz", ["a", "b", "c", "d"], inter=inter, union=inter + 1)
     got = S.load_counts(tmp_path / "c.npz")
     assert got["ids"].tolist() == ["a", "b", "c", "d"] and np.array_equal(got["union"], inter + 1)
+
+
+def _draw_pr(rng, n_images, p=(0.9, 0.5, 0.3, 0.6), lam=(400, 120, 80, 200), q=(0.9, 0.6, 0.5, 0.75), mu=(30, 40, 20, 25)):
+    """The model of ``_draw`` with the predicted and ground-truth counts kept: pred = found + false
+    positives. True precision = p lam q / (p lam q + mu), true recall = q (percent)."""
+    p, lam, q, mu = map(np.asarray, (p, lam, q, mu))
+    gt = rng.poisson(lam, (n_images, len(p))) * (rng.random((n_images, len(p))) < p)
+    inter = rng.binomial(gt, q)
+    pred = inter + rng.poisson(mu, (n_images, len(p)))
+    return inter, pred, gt, 100 * p * lam * q / (p * lam * q + mu), 100 * q
+
+
+def test_class_scores_equal_the_confusion_matrix_precision_recall_and_iou():
+    rng = np.random.default_rng(2)
+    cm, rows = ConfusionMatrix(4), []
+    for _ in range(5):
+        gt, pred = rng.integers(0, 4, (7, 9)), rng.integers(0, 3, (7, 9))  # class 3 is never predicted
+        gt[0, :2] = 255
+        rows.append(ConfusionMatrix.class_counts(cm.update(pred, gt)))
+    inter, pred, gt = (np.stack([r[k] for r in rows]) for k in range(3))
+    got = S.class_scores(inter, pred, gt)
+    np.testing.assert_allclose(got["precision"], 100 * cm.precision())
+    np.testing.assert_allclose(got["recall"], 100 * cm.recall())
+    np.testing.assert_allclose(got["iou"], 100 * cm.iou())
+    assert np.isnan(got["precision"][3]) and got["recall"][3] == 0
+
+
+def test_per_class_precision_and_recall_intervals_cover_the_true_values():
+    rng = np.random.default_rng(11)
+    hits, trials = np.zeros((2, 4)), 150
+    for t in range(trials):
+        inter, pred, gt, precision, recall = _draw_pr(rng, 120)
+        ci = S.class_intervals(inter, pred, gt, n_resamples=300, seed=t)
+        for row, (k, true) in enumerate((("precision", precision), ("recall", recall))):
+            hits[row] += (ci.low[k] <= true) & (true <= ci.high[k])
+    assert (hits / trials >= 0.88).all() and (hits / trials <= 0.995).all(), hits / trials
+
+
+def test_class_intervals_average_seeds_and_leave_out_a_class_that_is_never_there():
+    rng = np.random.default_rng(4)
+    inter, pred, gt, *_ = _draw_pr(rng, 40)
+    gt[:, 3] = inter[:, 3] = 0  # class 3: only false positives
+    two = S.class_intervals(np.stack([inter, inter]), np.stack([pred, pred + 5]), np.stack([gt, gt]), n_resamples=200)
+    one = S.class_intervals(inter, pred, gt, n_resamples=200)
+    assert two.n == 2 and two.images == 40
+    assert two.value["recall"] == pytest.approx(one.value["recall"], nan_ok=True)  # recall ignores false positives
+    assert (two.value["precision"][:3] < one.value["precision"][:3]).all()
+    assert np.isnan(one.value["recall"][3]) and np.isnan(one.low["recall"][3]) and one.value["precision"][3] == 0
+
+
+def test_per_image_miou_is_the_mean_over_the_classes_an_image_shows_or_predicts():
+    inter = np.array([[10, 0, 3, 0], [0, 0, 0, 0]])
+    union = np.array([[20, 0, 4, 5], [0, 0, 0, 0]])
+    got = S.per_image_miou(inter, union)
+    assert got[0] == pytest.approx(100 * (0.5 + 0.75 + 0) / 3) and np.isnan(got[1])
+
+
+def test_the_share_of_improved_images_has_a_wilson_interval_that_covers_the_true_share():
+    """Variant A is perfect on a random 30% of the images and blind on the rest; B finds half of
+    every class: the true share improved is 0.3."""
+    rng = np.random.default_rng(8)
+    hits, trials = 0, 300
+    for _ in range(trials):
+        union = rng.poisson(50, (60, 3)) + 2
+        up = rng.random(60) < 0.3
+        ch = S.image_changes(np.where(up[:, None], union, 0), union, union // 2, union, np.arange(60).astype(str))
+        assert ch.improved == up.sum() and ch.worse == 60 - up.sum()
+        hits += ch.share.contains(30.0)
+    assert 0.90 <= hits / trials <= 0.99, hits / trials
+    gains, losses = ch.top(2)
+    assert all(ch.delta[i] > 0 for i in gains) and all(ch.delta[i] < 0 for i in losses)
+    assert ch.delta[gains[0]] == ch.delta.max() and ch.delta[losses[0]] == ch.delta.min()
+
+
+def test_image_changes_pair_images_and_average_seeds():
+    inter_a = np.array([[[4, 1]], [[2, 1]]])  # (2 seeds, 1 image, 2 classes)
+    union = np.array([[[4, 2]], [[4, 2]]])
+    ch = S.image_changes(inter_a, union, np.array([[[2, 1]], [[2, 1]]]), union, ["x"])
+    assert ch.a[0] == pytest.approx((75 + 50) / 2) and ch.delta[0] == pytest.approx(12.5) and ch.improved == 1
+
+
+def test_an_old_counts_file_gives_iou_but_no_precision_and_a_new_one_derives_the_union(tmp_path):
+    inter = np.array([[1, 2], [3, 4]])
+    S.save_counts(tmp_path / "old.npz", ["a", "b"], inter=inter, union=inter + 1)
+    old = S.measurement(S.load_counts(tmp_path / "old.npz"))
+    assert not old.has_pr and old.confusion is None and np.array_equal(old.union, inter + 1)
+    S.save_counts(tmp_path / "new.npz", ["a", "b"], inter_crf=inter, pred_crf=inter + 2, gt_crf=inter + 1)
+    c = S.load_counts(tmp_path / "new.npz")
+    new = S.measurement(c, "_crf")
+    assert new.has_pr and np.array_equal(new.union, inter + 3) and S.measurement(c) is None
+    both = S.stack_measurements([old, old])
+    assert both.inter.shape == (2, 2, 2) and both.pred is None

@@ -29,16 +29,28 @@ from tkpbench.stats import save_counts
 
 @dataclass
 class Scores:
-    """A confusion matrix and the per-image, per-class counts behind it (int64 (N, C) each)."""
+    """A confusion matrix and the per-image, per-class intersection, predicted and ground-truth
+    pixel counts behind it (int64 (N, C) each)."""
 
     cm: ConfusionMatrix
     inter: np.ndarray
-    union: np.ndarray
+    pred: np.ndarray
+    gt: np.ndarray
+
+    @property
+    def union(self) -> np.ndarray:
+        return self.pred + self.gt - self.inter
+
+    def arrays(self, suffix: str = "") -> dict[str, np.ndarray]:
+        """What ``stats.save_counts`` stores for this measurement: inter, pred, gt, union (for
+        readers of files that held only inter and union) and the dataset's confusion matrix."""
+        a = {"inter": self.inter, "pred": self.pred, "gt": self.gt, "union": self.union, "confusion": self.cm.matrix()}
+        return {k + suffix: v for k, v in a.items()}
 
 
 def evaluate_folder(pred_dir: Path, ds, workers: int = 4) -> Scores:
     """Confusion matrix of ``pred_dir/<id>.png`` against ``ds.mask(i)`` for every image of ``ds``,
-    with every image's intersection and union counts (for ``tkpbench.stats``).
+    with every image's intersection, predicted and ground-truth counts (for ``tkpbench.stats``).
 
     A missing prediction, a size mismatch or a class index >= num_classes is a DatasetError naming the file.
     """
@@ -69,12 +81,11 @@ def evaluate_folder(pred_dir: Path, ds, workers: int = 4) -> Scores:
             )
         return pred, gt
 
-    inter = np.zeros((len(ds), ds.num_classes), dtype=np.int64)
-    union = np.zeros_like(inter)
+    inter, pred_px, gt_px = (np.zeros((len(ds), ds.num_classes), dtype=np.int64) for _ in range(3))
     with ThreadPoolExecutor(workers) as pool:
         for n, (pred, gt) in enumerate(pool.map(load, range(len(ds)))):
-            inter[n], union[n] = ConfusionMatrix.inter_union(cm.update(pred, gt))
-    return Scores(cm, inter, union)
+            inter[n], pred_px[n], gt_px[n] = ConfusionMatrix.class_counts(cm.update(pred, gt))
+    return Scores(cm, inter, pred_px, gt_px)
 
 
 def print_table(classes, columns: dict[str, np.ndarray], title: str) -> None:
@@ -84,7 +95,7 @@ def print_table(classes, columns: dict[str, np.ndarray], title: str) -> None:
         t.add_column(name, justify="right")
     for n, c in enumerate(classes):
         t.add_row(c, *[("-" if np.isnan(v[n]) else f"{100 * v[n]:.1f}") for v in columns.values()])
-    t.add_row("[bold]mIoU", *[f"[bold]{100 * np.nanmean(v):.2f}" for v in columns.values()])
+    t.add_row("[bold]mean (mIoU)", *[f"[bold]{100 * np.nanmean(v):.2f}" for v in columns.values()])
     Console().print(t)
 
 
@@ -97,7 +108,7 @@ def score_pseudo_masks(run_dir: Path, cfg, results: Path = Path("results")) -> d
     before, after = evaluate_folder(run.masks, ds), evaluate_folder(run.crf, ds)
     cm, cm_crf = before.cm, after.cm
     counts = Path(results) / run.name / "counts_mask.npz"
-    save_counts(counts, ds.ids, inter=before.inter, union=before.union, inter_crf=after.inter, union_crf=after.union)
+    save_counts(counts, ds.ids, **before.arrays(), **after.arrays("_crf"))
     rec = StageRecord(
         stage="mask",
         dataset=cfg.data.dataset,
@@ -158,7 +169,11 @@ def _main(argv: list[str] | None = None) -> int:
         p.error("give --run-dir RUN, or --pred DIR --split SPLIT --root DATA_ROOT")
     ds = build_dataset(DataConfig(dataset=args.dataset, root=args.root), args.split)
     cm = evaluate_folder(args.pred, ds).cm
-    print_table(ds.classes, {"IoU %": cm.iou()}, f"{args.pred} on {args.split} ({len(ds)} images)")
+    print_table(
+        ds.classes,
+        {"IoU %": cm.iou(), "precision %": cm.precision(), "recall %": cm.recall()},
+        f"{args.pred} on {args.split} ({len(ds)} images)",
+    )
     return 0
 
 

@@ -48,12 +48,16 @@ class ConfusionMatrix:
         return counts
 
     @staticmethod
-    def inter_union(counts: Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Per-class intersection and union pixel counts (int64 (C,) each) of one confusion matrix
-        (what ``update`` returns for one image): the per-image record that ``tkpbench.stats`` resamples."""
+    def class_counts(counts: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-class intersection, predicted and ground-truth pixel counts (int64 (C,) each) of one
+        confusion matrix (what ``update`` returns for one image): the per-image record that
+        ``tkpbench.stats`` resamples; union = pred + gt - inter."""
         m = counts.cpu().long()
-        inter = m.diag()
-        return inter.numpy(), (m.sum(0) + m.sum(1) - inter).numpy()
+        return m.diag().numpy(), m.sum(0).numpy(), m.sum(1).numpy()
+
+    def matrix(self) -> np.ndarray:
+        """The (C, C) int64 matrix, rows truth, columns prediction (zeros before any update)."""
+        return self._m().cpu().numpy()
 
     def _m(self) -> Tensor:
         return self.mat if self.mat is not None else torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
@@ -76,6 +80,18 @@ class ConfusionMatrix:
         union = m.sum(0) + m.sum(1) - inter
         iou = torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(inter, float("nan")))
         return iou.numpy()
+
+    def precision(self) -> np.ndarray:
+        """Per-class precision, TP / predicted; NaN for a class never predicted."""
+        m = self._m().double().cpu()
+        p = m.sum(0)
+        return torch.where(p > 0, m.diag() / p.clamp_min(1), torch.full_like(p, float("nan"))).numpy()
+
+    def recall(self) -> np.ndarray:
+        """Per-class recall, TP / ground truth; NaN for a class absent from the ground truth."""
+        m = self._m().double().cpu()
+        g = m.sum(1)
+        return torch.where(g > 0, m.diag() / g.clamp_min(1), torch.full_like(g, float("nan"))).numpy()
 
     def miou(self) -> float:
         """Mean IoU over classes with a non-empty union."""

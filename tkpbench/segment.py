@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,11 @@ from tkpbench.config import Config, config_from_dict, dumps
 from tkpbench.crf import crf_device, dense_crf
 from tkpbench.data.common import save_mask
 from tkpbench.data.transforms import EvalSet, PseudoMaskSet, build_dataset, eval_transform, seg_train_transform
-from tkpbench.deeplab import IMAGENET_MEAN, IMAGENET_STD, DeepLabV2, predict_probs, resize_labels
+from tkpbench.deeplab import IMAGENET_MEAN, IMAGENET_STD, DeepLabV2, resize_labels, resize_labels_pil
 from tkpbench.device import announce
 from tkpbench.device import resolve as resolve_device
 from tkpbench.engine import Task, fit, fused_optimizer, unwrap
+from tkpbench.errors import WeightsError
 from tkpbench.metrics import ConfusionMatrix
 from tkpbench.progress import track
 from tkpbench.records import StageRecord, per_class_dict, stamp, write_stage
@@ -63,6 +65,13 @@ class SegTask(Task):
         m = DeepLabV2(
             self.base.num_classes, self.cfg.seg.backbone, self.cfg.seg.weights or None, output_stride=self.cfg.seg.output_stride
         )
+        if m.init == "coco-deeplab-pytorch" and self.cfg.data.dataset == "coco":
+            raise WeightsError(
+                f"seg.weights = {self.cfg.seg.weights}: deeplab-pytorch's COCO init was trained on COCO's masks; a weakly "
+                "supervised COCO result cannot start from it. Use torchvision's ImageNet ResNet (the default) on COCO."
+            )
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(m.init_note, flush=True)
         if torch.cuda.is_available():
             m = m.to(memory_format=torch.channels_last)
         if self.cfg.seg.freeze_bn:
@@ -111,11 +120,16 @@ class SegTask(Task):
         if device.type == "cuda":
             img = img.contiguous(memory_format=torch.channels_last)
         mask = mask.to(device, non_blocking=True)
+        # "output_stride" (deeplab-pytorch's main.py): each output at its output stride against the labels
+        # resized to its size with PIL's nearest; "input": each output upsampled to its input's size,
+        # labels resized with F.interpolate's nearest. Either way the cross-entropies are summed.
+        at_input = self.cfg.seg.loss_at == "input"
+        resize = resize_labels if at_input else resize_labels_pil
+        scales = self.cfg.seg.msc_scales
+        out = model(img, msc_scales=scales, upsample=at_input) if scales else [model(img, upsample=at_input)]
         ce = None
-        out = model(img, msc_scales=self.cfg.seg.msc_scales) if self.cfg.seg.msc_scales else [model(img)]
         for logits in out:
-            # each output against the labels at its size, nearest (deeplab-pytorch's resize_labels); summed
-            term = F.cross_entropy(logits.float(), resize_labels(mask, logits.shape[-2:]), ignore_index=255)
+            term = F.cross_entropy(logits.float(), resize(mask, logits.shape[-2:]), ignore_index=255)
             ce = term if ce is None else ce + term
         return {"loss": ce}
 
@@ -125,12 +139,92 @@ class SegTask(Task):
 
 EXAMPLES = 8  # eval images whose DeepLab prediction is kept (seg/examples/) for the report's Fig. 5
 
+# the ladder's multi-scale + flip rung when seg.eval_scales is a single scale: the scales most WSSS
+# DeepLab evaluations and mmsegmentation's "ms+flip" use (0.5-1.5 in steps of 0.25), both flips
+MSF_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One column of the evaluation ladder: softmax averaged over ``scales`` (and their horizontal
+    flips), optionally refined by the dense CRF; ``suffix`` names its arrays in counts_seg.npz
+    (``inter{suffix}``, ...: "" is the configured protocol, the one Table 2 reports)."""
+
+    name: str
+    scales: tuple[float, ...]
+    flip: bool
+    crf: bool
+    suffix: str
+
+
+def ladder(cfg: Config, with_crf: bool) -> list[Rung]:
+    """The rungs one evaluation computes, in one pass over the split:
+
+    - ``ss``: single scale (1.0), no flip;
+    - ``msf``: multi-scale + flip: ``seg.eval_scales`` when it holds several scales, else
+      ``MSF_SCALES``, each with its horizontal flip;
+    - ``msf_crf``: the dense CRF (``cfg.crf``) on the ``msf`` probabilities, only with
+      ``seg.eval_crf`` or ``with_crf`` (``--ladder``): it is the costly one;
+    - ``configured``: ``seg.eval_scales`` / ``seg.eval_flip`` when they are neither of the above.
+
+    Table 2 reports the configured protocol (its arrays keep the keys without suffix; with
+    ``seg.eval_crf`` the CRF on the configured probabilities keeps ``_crf``); a rung equal to it
+    shares its arrays."""
+    s = cfg.seg
+    conf = (tuple(s.eval_scales), s.eval_flip)
+    msf = (tuple(s.eval_scales) if len(s.eval_scales) > 1 else MSF_SCALES, True)
+    rungs = [Rung("ss", (1.0,), False, False, "" if conf == ((1.0,), False) else "_ss")]
+    rungs.append(Rung("msf", *msf, False, "" if conf == msf else "_msf"))
+    if s.eval_crf or with_crf:
+        rungs.append(Rung("msf_crf", *msf, True, "_crf" if conf == msf and s.eval_crf else "_msf_crf"))
+    if all(r.suffix for r in rungs if not r.crf):
+        rungs.insert(0, Rung("configured", *conf, False, ""))
+    if s.eval_crf and all(r.suffix != "_crf" for r in rungs):
+        rungs.append(Rung("configured_crf", *conf, True, "_crf"))
+    return rungs
+
+
+def _view_probs(model: nn.Module, img: torch.Tensor, scale: float, flip: bool, amp: bool) -> torch.Tensor:
+    """Softmax of one view (scale, flip) at the image's own size, flip undone; as ``predict_probs``."""
+    h, w = img.shape[-2:]
+    x = img if scale == 1.0 else F.interpolate(img, scale_factor=scale, mode="bilinear", align_corners=False)
+    with D.autocast(img.device, amp):
+        logits = model(x.flip(-1) if flip else x)
+    if flip:
+        logits = logits.flip(-1)
+    return F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False).softmax(1)[0]
+
+
+def ladder_probs(model: nn.Module, img: torch.Tensor, rungs: list[Rung], amp: bool) -> dict[tuple, torch.Tensor]:
+    """The averaged softmax (C, H, W) of every distinct (scales, flip) of ``rungs``, each view
+    computed once. The first rung's views come first, so its average adds in ``predict_probs``'s
+    order (scale by scale, unflipped then flipped) and equals it."""
+    sets = list(dict.fromkeys((r.scales, r.flip) for r in rungs))
+    views = dict.fromkeys((v, f) for scales, flip in sets for v in scales for f in ((False, True) if flip else (False,)))
+    sums: dict[tuple, torch.Tensor] = {}
+    for v, f in views:
+        p = _view_probs(model, img, v, f, amp)
+        for scales, flip in sets:
+            if v in scales and (flip or not f):
+                q = p * scales.count(v) if scales.count(v) > 1 else p
+                sums[(scales, flip)] = q if (scales, flip) not in sums else sums[(scales, flip)] + q
+    return {(sc, fl): t / (len(sc) * (2 if fl else 1)) for (sc, fl), t in sums.items()}
+
 
 @torch.no_grad()
 def evaluate(
-    run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = None, progress: bool = True, results: Path = Path("results")
-) -> dict[str, float]:
-    """Full-resolution evaluation of ``<run>/seg/final.pt`` on ``split``; writes the "seg" record."""
+    run_dir: Path,
+    split: str,
+    dist: D.DistInfo,
+    cfg: Config | None = None,
+    progress: bool = True,
+    results: Path = Path("results"),
+    with_crf: bool = False,
+) -> dict[str, Any]:
+    """Full-resolution evaluation of ``<run>/seg/final.pt`` on ``split`` at every rung of ``ladder``
+    (``with_crf``: the CRF rung even without ``seg.eval_crf``) in one pass; writes the "seg" record,
+    whose ``protocol["ladder"]`` lists the rungs, and counts_seg.npz with each rung's per-image
+    inter, pred, gt and union counts and its confusion matrix. Returns {"miou", "ladder": {rung: mIoU}}."""
     t0 = time.perf_counter()
     run = RunDir(run_dir)
     ck = load_final(run.seg)
@@ -143,27 +237,42 @@ def evaluate(
         EvalSet(base, eval_transform(None, IMAGENET_MEAN, IMAGENET_STD)), D.shard_indices(len(base), dist.rank, dist.world)
     )
     loader = DataLoader(ds, batch_size=1, num_workers=min(cfg.seg.workers, 4))
-    cm, cm_crf = ConfusionMatrix(base.num_classes), ConfusionMatrix(base.num_classes)
-    mine: dict[int, tuple] = {}  # image index -> its (inter, union) counts, and with the CRF
+    rungs = ladder(cfg, with_crf)
+    by_suffix: dict[str, Rung] = {}  # each stored measurement once, the configured protocol's first
+    for r in sorted(rungs, key=lambda r: r.suffix not in ("", "_crf")):  # so it adds in predict_probs's order
+        by_suffix.setdefault(r.suffix, r)
+    measured = list(by_suffix)
+    cms = {x: ConfusionMatrix(base.num_classes) for x in measured}
+    crf_dev = str(crf_device(cfg.crf.device, dist.local_rank)) if any(r.crf for r in rungs) else ""  # this rank's GPU
+    mine: dict[int, dict[str, tuple]] = {}  # image index -> suffix -> its (inter, pred, gt) counts
     for img, mask, _, idx in track(
         loader, total=len(loader), description=f"DeepLab eval {split}", enabled=progress and dist.is_main
     ):
-        probs = predict_probs(model, img.to(dist.device), list(cfg.seg.eval_scales), cfg.seg.eval_flip, cfg.train.amp)
-        if int(idx) < EXAMPLES:  # the report's Fig. 5 shows these beside the pseudo masks
-            save_mask(run.seg.examples / f"{base.ids[int(idx)]}.png", probs.argmax(0).cpu().numpy().astype(np.uint8))
-        iu = ConfusionMatrix.inter_union(cm.update(probs.argmax(0), mask[0].to(dist.device)))
-        if cfg.seg.eval_crf:
-            device = str(crf_device(cfg.crf.device, dist.local_rank))  # this rank's GPU (torch backend)
-            q = dense_crf(base.image(int(idx)), probs.cpu().numpy().astype(np.float32), cfg.crf, device=device)
-            iu = iu + ConfusionMatrix.inter_union(cm_crf.update(q.argmax(0), mask[0].numpy()))
-        mine[int(idx)] = iu
-    cm.all_reduce()
-    cm_crf.all_reduce()
+        i = int(idx)
+        probs = ladder_probs(model, img.to(dist.device), list(by_suffix.values()), cfg.train.amp)
+        conf = probs[(tuple(cfg.seg.eval_scales), cfg.seg.eval_flip)]
+        if i < EXAMPLES:  # the report's Fig. 5 shows these beside the pseudo masks
+            save_mask(run.seg.examples / f"{base.ids[i]}.png", conf.argmax(0).cpu().numpy().astype(np.uint8))
+        mine[i] = {}
+        for x in measured:
+            r = by_suffix[x]
+            p = probs[(r.scales, r.flip)]
+            if r.crf:
+                q = dense_crf(base.image(i), p.cpu().numpy().astype(np.float32), cfg.crf, device=crf_dev)
+                mine[i][x] = ConfusionMatrix.class_counts(cms[x].update(q.argmax(0), mask[0].numpy()))
+            else:
+                mine[i][x] = ConfusionMatrix.class_counts(cms[x].update(p.argmax(0), mask[0].to(dist.device)))
+    for c in cms.values():
+        c.all_reduce()
     per_image = {k: v for part in D.all_gather_object(mine) for k, v in part.items()}
-    out = {"miou": cm.miou()}
+    cm, cm_crf = cms[""], cms.get("_crf")
+    out: dict[str, Any] = {"miou": cm.miou(), "ladder": {r.name: cms[r.suffix].miou() for r in rungs}}
     if dist.is_main:
-        names = ("inter", "union", "inter_crf", "union_crf")
-        arrays = {n: np.stack([per_image[i][k] for i in range(len(base))]) for k, n in enumerate(names) if k < len(per_image[0])}
+        arrays = {}
+        for x in measured:
+            inter, pred, gt = (np.stack([per_image[i][x][k] for i in range(len(base))]) for k in range(3))
+            arrays.update({f"inter{x}": inter, f"pred{x}": pred, f"gt{x}": gt, f"union{x}": pred + gt - inter})
+            arrays[f"confusion{x}"] = cms[x].matrix()
         counts = Path(results) / run.name / "counts_seg.npz"
         save_counts(counts, base.ids, **arrays)
         rec = StageRecord(
@@ -189,6 +298,18 @@ def evaluate(
                 "eval_flip": cfg.seg.eval_flip,
                 "eval_crf": cfg.seg.eval_crf,
                 "resolution": "full",
+                "ladder": [
+                    {
+                        "rung": r.name,
+                        "scales": list(r.scales),
+                        "flip": r.flip,
+                        "crf": r.crf,
+                        "counts_suffix": r.suffix,
+                        "miou": round(100 * cms[r.suffix].miou(), 3),
+                        "table2": r.suffix == "",
+                    }
+                    for r in rungs
+                ],
             },
             synthetic=cfg.synthetic,
             model_sha256=model_digest(run.seg.final),
@@ -210,6 +331,12 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("cmd", choices=["train", "eval"])
     p.add_argument("--split", default=None, help="eval split (default: data.val_split)")
     p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument(
+        "--ladder",
+        action="store_true",
+        help="eval: also the CRF rung of the evaluation ladder (CRF on the multi-scale + flip probabilities) "
+        "without seg.eval_crf; single scale and multi-scale + flip are always computed",
+    )
     args = p.parse_args(argv)
     cfg = run_config(args.run, args.config, args.overrides)
     dist = D.setup(resolve_device(args.device, cfg.synthetic))
@@ -228,9 +355,10 @@ def _main(argv: list[str] | None = None) -> int:
             if dist.is_main and run.seg.final.is_file():
                 mark_done(run, "seg", cfg)
         else:
-            r = evaluate(args.run, args.split or cfg.data.val_split, dist, cfg, not args.no_progress, args.results)
+            r = evaluate(args.run, args.split or cfg.data.val_split, dist, cfg, not args.no_progress, args.results, args.ladder)
             if dist.is_main:
-                print(f"DeepLab-v2 mIoU on {args.split or cfg.data.val_split}: {100 * r['miou']:.2f}")
+                rungs = ", ".join(f"{k} {100 * v:.2f}" for k, v in r["ladder"].items())
+                print(f"DeepLab-v2 mIoU on {args.split or cfg.data.val_split}: {100 * r['miou']:.2f} (ladder: {rungs})")
     finally:
         D.cleanup()
     return 0

@@ -1,7 +1,13 @@
 """How sure a measured mIoU is: intervals over images and over training seeds, and paired differences.
 
-Every scored stage keeps, beside its record, the per-image, per-class intersection and union
-pixel counts (``save_counts``: integer arrays ``inter`` and ``union`` of shape (N images, C)).
+Every scored stage keeps, beside its record, the per-image, per-class pixel counts
+(``save_counts``): ``inter`` (predicted c where the truth is c), ``pred`` (predicted c), ``gt``
+(truth c) and ``union`` = pred + gt - inter, integer arrays of shape (N images, C), and the
+dataset's (C, C) ``confusion`` matrix (rows truth, columns prediction). Files written before
+``pred``/``gt``/``confusion`` existed hold ``inter`` and ``union`` only: they still give IoU and
+its intervals, never precision or recall (``measurement`` says which). A measurement other than
+the plain one is a key suffix: ``inter_crf`` (after the CRF), ``inter_msf`` (a rung of the
+DeepLab evaluation ladder, ``tkpbench.segment.evaluate``).
 The dataset mIoU is recomputed from them exactly as the metric defines it: sum the counts of the
 images, then IoU_c = I_c / U_c and the mean over classes with U_c > 0 (the dataset estimator, not
 a mean of per-image IoUs). Everything below resamples images and/or seeds and recomputes that.
@@ -20,6 +26,11 @@ Methods (``scipy.stats``):
 - paired differences: two variants run with the same seeds on the same images; the same
   combination applied to the per-seed differences, with the same image draws for both variants,
   so what they share cancels. An interval that contains 0 is "within noise".
+- per-class IoU, precision and recall (``class_intervals``): the dataset estimator of each,
+  averaged over seeds, with a percentile bootstrap over images (the same draws for every seed
+  and every class); the seed term is left out, and the report says so.
+- which images change (``image_changes``): per-image mIoU of two variants, paired by image, and
+  the share of images that improve with a Wilson interval (``scipy.stats.binomtest``).
 """
 
 from __future__ import annotations
@@ -37,8 +48,8 @@ CONFIDENCE = 0.95
 
 
 def save_counts(path: Path, ids: list[str], **arrays: np.ndarray) -> int:
-    """Write per-image count arrays (each (N, C) integers) and the image ids as a compressed .npz
-    (no pickled objects); returns the bytes written."""
+    """Write count arrays (per image (N, C), or a (C, C) confusion matrix; integers, stored int64)
+    and the image ids as a compressed .npz (no pickled objects); returns the bytes written."""
     buf = io.BytesIO()
     np.savez_compressed(buf, ids=np.asarray(ids, dtype=str), **{k: np.asarray(v, dtype=np.int64) for k, v in arrays.items()})
     atomic_write_bytes(path, buf.getvalue())
@@ -48,6 +59,49 @@ def save_counts(path: Path, ids: list[str], **arrays: np.ndarray) -> int:
 def load_counts(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
+
+
+@dataclass
+class Measurement:
+    """One measurement's per-image counts, (N, C) or (S seeds, N, C): ``pred``, ``gt`` and
+    ``confusion`` are None in a file written before they were stored."""
+
+    inter: np.ndarray
+    union: np.ndarray
+    pred: np.ndarray | None = None
+    gt: np.ndarray | None = None
+    confusion: np.ndarray | None = None
+
+    @property
+    def has_pr(self) -> bool:
+        """Whether precision and recall can be computed (pred and gt stored)."""
+        return self.pred is not None and self.gt is not None
+
+
+def measurement(counts: dict[str, np.ndarray], suffix: str = "") -> Measurement | None:
+    """The arrays of one measurement (``suffix``: "", "_crf", "_msf", ...) of a loaded counts file;
+    None when the file has no ``inter{suffix}``. ``union`` comes from the file, or pred + gt - inter."""
+    if f"inter{suffix}" not in counts:
+        return None
+    inter = counts[f"inter{suffix}"]
+    pred, gt, conf = (counts.get(f"{k}{suffix}") for k in ("pred", "gt", "confusion"))
+    union = counts.get(f"union{suffix}")
+    if union is None:
+        union = pred + gt - inter
+    return Measurement(inter, union, pred, gt, conf)
+
+
+def stack_measurements(ms: list[Measurement]) -> Measurement:
+    """Seeds stacked on a new first axis; pred/gt only when every seed has them; confusion summed."""
+    pr = all(m.has_pr for m in ms)
+    conf = [m.confusion for m in ms]
+    return Measurement(
+        np.stack([m.inter for m in ms]),
+        np.stack([m.union for m in ms]),
+        np.stack([m.pred for m in ms]) if pr else None,
+        np.stack([m.gt for m in ms]) if pr else None,
+        np.sum(conf, axis=0) if all(c is not None for c in conf) else None,
+    )
 
 
 def miou_from_counts(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
@@ -235,3 +289,126 @@ def verdict(delta: Estimate) -> str:
     if delta.high < 0:
         return "B better"
     return "within noise"
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """100 num / den, NaN where den is 0."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, 100 * num / np.where(den > 0, den, 1), np.nan)
+
+
+def _finite_mean(v: np.ndarray) -> np.ndarray:
+    """Mean over the first (seed) axis of the finite values; NaN where there are none."""
+    ok = np.isfinite(v)
+    k = ok.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(k > 0, np.where(ok, v, 0).sum(axis=0) / np.maximum(k, 1), np.nan)
+
+
+def class_scores(inter: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> dict[str, np.ndarray]:
+    """Dataset per-class IoU, precision and recall (%) of counts summed over the image axis:
+    IoU = I / (P + G - I), precision = I / P (NaN when never predicted), recall = I / G (NaN when
+    absent). inter, pred, gt: (..., N, C) -> each (..., C)."""
+    i, p, g = (np.asarray(x).sum(axis=-2) for x in (inter, pred, gt))
+    return {"iou": _ratio(i, p + g - i), "precision": _ratio(i, p), "recall": _ratio(i, g)}
+
+
+@dataclass
+class ClassIntervals:
+    """Per-class IoU, precision and recall (%), each (C,): the mean over seeds of the dataset
+    estimator and a 95% percentile-bootstrap interval over images."""
+
+    value: dict[str, np.ndarray]
+    low: dict[str, np.ndarray]
+    high: dict[str, np.ndarray]
+    n: int
+    images: int
+
+
+def class_intervals(
+    inter: np.ndarray, pred: np.ndarray, gt: np.ndarray, n_resamples: int = 1000, seed: int = 0, chunk: int = 100
+) -> ClassIntervals:
+    """Per-class IoU, precision and recall with 95% intervals over images. Arrays (N, C) or
+    (S, N, C) with the same images for every seed. A resample is a multinomial weight per image
+    (the same for every seed and class), so a resampled sum is one matrix product; draws in which
+    a class has no pixels (its ratio undefined) are left out of that class's percentiles. Seed
+    variation is not in these intervals (with 2-3 seeds it is the mIoU interval's job)."""
+    arrs = [np.asarray(x, dtype=np.float64) for x in (inter, pred, gt)]
+    arrs = [a if a.ndim == 3 else a[None] for a in arrs]
+    order = canonical_order(*arrs)
+    arrs = [a[:, order] for a in arrs]
+    s, n, _ = arrs[0].shape
+    value = {k: _finite_mean(v) for k, v in class_scores(*arrs).items()}
+    rng = _rng(seed)
+    draws: dict[str, list[np.ndarray]] = {k: [] for k in value}
+    for start in range(0, n_resamples, chunk):
+        w = rng.multinomial(n, np.full(n, 1 / n), size=min(chunk, n_resamples - start)).astype(np.float64)  # (B, N)
+        i, p, g = (np.einsum("bn,snc->sbc", w, a) for a in arrs)  # (S, B, C) resampled sums
+        for k, v in {"iou": _ratio(i, p + g - i), "precision": _ratio(i, p), "recall": _ratio(i, g)}.items():
+            draws[k].append(_finite_mean(v))
+    low, high = {}, {}
+    for k, parts in draws.items():
+        d = np.concatenate(parts)  # (B, C)
+        ok = np.isfinite(d).any(axis=0)
+        q = np.full((2, d.shape[1]), np.nan)
+        if ok.any():
+            q[:, ok] = np.nanpercentile(d[:, ok], [50 * (1 - CONFIDENCE), 50 * (1 + CONFIDENCE)], axis=0)
+        low[k], high[k] = q
+    return ClassIntervals(value, low, high, s, n)
+
+
+def per_image_miou(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """Each image's own mIoU (%): the mean over the classes with union > 0 in that image of
+    inter / union (the classes it shows or that are predicted in it); NaN for an image with
+    none. inter, union: (..., N, C) -> (..., N)."""
+    u = np.asarray(union, dtype=np.float64)
+    iou = np.where(u > 0, np.asarray(inter, dtype=np.float64) / np.where(u > 0, u, 1), 0.0)
+    k = (u > 0).sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(k > 0, 100 * iou.sum(axis=-1) / np.maximum(k, 1), np.nan)
+
+
+@dataclass
+class ImageChanges:
+    """Per-image mIoU of two variants on the same images (averaged over their shared seeds), the
+    paired difference ``delta`` = A - B (points) and the share of images A improves, with its 95%
+    Wilson interval. Images where either value is undefined are left out."""
+
+    ids: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    delta: np.ndarray
+    improved: int
+    worse: int
+    share: Estimate
+
+    def top(self, k: int) -> tuple[list[int], list[int]]:
+        """Indices (into ``ids``) of the k largest gains and the k largest losses, largest first;
+        a gain is only an image with delta > 0, a loss only one with delta < 0."""
+        order = np.argsort(self.delta, kind="stable")
+        gains = [int(i) for i in order[::-1][:k] if self.delta[i] > 0]
+        losses = [int(i) for i in order[:k] if self.delta[i] < 0]
+        return gains, losses
+
+
+def image_changes(a_inter: np.ndarray, a_union: np.ndarray, b_inter: np.ndarray, b_union: np.ndarray, ids) -> ImageChanges:
+    """Which images change between variants A and B (arrays (N, C) or (S, N, C), seeds and images
+    aligned): per-image mIoU (``per_image_miou``) averaged over seeds, paired by image; an image
+    improves when A's value is strictly higher. The share improved counts every image scored by
+    both; its interval is Wilson's score interval of a binomial proportion over those images."""
+    a, b = (per_image_miou(i, u) for i, u in ((a_inter, a_union), (b_inter, b_union)))
+    if a.ndim == 2:
+        a, b = a.mean(axis=0), b.mean(axis=0)
+    ok = np.isfinite(a) & np.isfinite(b)
+    ids, a, b = np.asarray(ids)[ok], a[ok], b[ok]
+    delta = a - b
+    up, down, n = int((delta > 0).sum()), int((delta < 0).sum()), len(delta)
+    if n:
+        ci = st.binomtest(up, n).proportion_ci(CONFIDENCE, method="wilson")
+        share = Estimate(
+            100 * up / n, float(100 * ci.low), float(100 * ci.high), 1, n, method="Wilson score interval over images"
+        )
+    else:
+        share = Estimate(float("nan"), float("nan"), float("nan"), 1, 0, method="no images")
+    return ImageChanges(ids, a, b, delta, up, down, share)
