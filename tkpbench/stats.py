@@ -71,6 +71,7 @@ class Measurement:
     pred: np.ndarray | None = None
     gt: np.ndarray | None = None
     confusion: np.ndarray | None = None
+    ids: np.ndarray | None = None  # the images, in the order of axis -2
 
     @property
     def has_pr(self) -> bool:
@@ -88,7 +89,7 @@ def measurement(counts: dict[str, np.ndarray], suffix: str = "") -> Measurement 
     union = counts.get(f"union{suffix}")
     if union is None:
         union = pred + gt - inter
-    return Measurement(inter, union, pred, gt, conf)
+    return Measurement(inter, union, pred, gt, conf, counts.get("ids"))
 
 
 def stack_measurements(ms: list[Measurement]) -> Measurement:
@@ -101,6 +102,7 @@ def stack_measurements(ms: list[Measurement]) -> Measurement:
         np.stack([m.pred for m in ms]) if pr else None,
         np.stack([m.gt for m in ms]) if pr else None,
         np.sum(conf, axis=0) if all(c is not None for c in conf) else None,
+        ms[0].ids,
     )
 
 

@@ -1,5 +1,6 @@
 """Fig. 5: the pseudo masks (after CRF) of a max-pooling run and a TKP-PCL run beside the image and
-its ground truth and, below, DeepLab's segmentation of val images trained on each run's masks."""
+its ground truth and, below, DeepLab's segmentation of val images trained on each run's masks; and
+the same grid for the images whose pseudo masks gain and lose most between two runs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from tkpbench.data.common import read_mask, voc_palette
 from tkpbench.data.transforms import build_dataset
 from tkpbench.records import load_summary
 from tkpbench.runs import RunDir
+from tkpbench.stats import ImageChanges
 
 
 def fig5_grid(
@@ -126,4 +128,46 @@ def fig5_from_runs(results: Path, runs_dir: Path, baseline: str, ours: str, n: i
         ids=[ds.ids[i] for i in idx],
         class_names=list(ds.classes),
         extra_blocks=_deeplab_block(cfg, runs_dir, baseline, ours, n),
+    )
+
+
+def fig_image_changes(results: Path, runs_dir: Path, a: str, b: str, changes: ImageChanges, k: int = 3) -> Path | None:
+    """The ``k`` images whose pseudo masks (after CRF) gain most from run ``b`` to run ``a`` and the
+    ``k`` that lose most (``changes``: per-image mIoU of these two runs, ``stats.image_changes``):
+    image (id and Δ), ground truth, ``a``'s mask, ``b``'s mask. The images come from the data of
+    ``a``'s config (a relative ``data.root`` read from the current folder); a DatasetError when
+    they are not there; None when a run's masks are not here or nothing changes."""
+    a_dir, b_dir = runs_dir / a / "pseudo" / "crf", runs_dir / b / "pseudo" / "crf"
+    summ = results / a / "summary.json"
+    gains, losses = changes.top(k)
+    if not (a_dir.is_dir() and b_dir.is_dir() and summ.is_file()) or not (gains or losses):
+        return None
+    cfg = config_from_dict(load_summary(summ)["config"])
+    ds = build_dataset(cfg.data, cfg.data.mask_split)
+    where = {i: n for n, i in enumerate(ds.ids)}
+    blocks = []
+    for picked, what in ((gains, "gain"), (losses, "loss")):
+        idx = [where[str(changes.ids[p])] for p in picked if str(changes.ids[p]) in where]
+        if not idx:
+            continue
+        blocks.append(
+            (
+                [ds.image(i) for i in idx],
+                [ds.mask(i) for i in idx],
+                [read_mask(a_dir / f"{ds.ids[i]}.png", ds.num_classes) for i in idx],
+                [read_mask(b_dir / f"{ds.ids[i]}.png", ds.num_classes) for i in idx],
+                (f"largest {what}s: id, Δ mIoU", "ground truth", f"{a} (CRF)", f"{b} (CRF)"),
+                [f"{changes.ids[p]} {changes.delta[p]:+.1f}" for p in picked if str(changes.ids[p]) in where],
+            )
+        )
+    if not blocks:
+        return None
+    first, *rest = blocks
+    return fig5_grid(
+        *first[:4],
+        results / f"fig_changes_{a}_vs_{b}.png",
+        titles=first[4],
+        ids=first[5],
+        class_names=list(ds.classes),
+        extra_blocks=tuple(rest),
     )

@@ -1,5 +1,6 @@
 """The report's plots: Fig. 4 (the k and eps sweeps), each variant's seeds with its interval, the
-per-class IoU bars and each run's training curves, written as PNG files."""
+per-class IoU bars, each run's training curves and the dataset confusion matrices, written as PNG
+files."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from tkpbench.report.load import Group
+from tkpbench.report.tables import STAGES
 
 
 def fig4_sweep(runs: list[dict], out: Path) -> Path | None:
@@ -148,3 +150,45 @@ def fig_per_class(runs: list[dict], out: Path) -> Path | None:
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return _save(fig, out)
+
+
+def row_normalised(confusion: np.ndarray) -> np.ndarray:
+    """A confusion matrix (rows truth) in % of each true class's pixels: the diagonal is each
+    class's recall, a row's other cells what the class is taken for; NaN rows for absent classes."""
+    m = np.asarray(confusion, dtype=np.float64)
+    rows = m.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(rows > 0, 100 * m / np.where(rows > 0, rows, 1), np.nan)
+
+
+def fig_confusion(confusion: np.ndarray, classes: list[str], out: Path, title: str) -> Path:
+    """The dataset's confusion matrix, row-normalised (``row_normalised``), as a heat map."""
+    norm = row_normalised(confusion)
+    n = len(classes)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.3 * n + 2.5), max(4.0, 0.3 * n + 1.8)), dpi=100)
+    im = ax.imshow(np.ma.masked_invalid(norm), cmap="Blues", vmin=0, vmax=100)
+    ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="% of the true class's pixels")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def confusion_figures(groups: list[Group], results: Path) -> list[Path]:
+    """``fig_confusion`` of every group and stage whose counts files hold the confusion matrix
+    (summed over the seeds): ``RESULTS/fig_confusion_<group>_<stage>.png``."""
+    figs = []
+    for g in groups:
+        for stage, suffix, what in STAGES:
+            m = g.measurement(stage, suffix)
+            if m is None or m.confusion is None:
+                continue
+            classes = list(g.records(stage)[0].get("per_class") or []) or [str(c) for c in range(len(m.confusion))]
+            rec = g.records(stage)[0]
+            title = f"{g.name}: {what}, {rec['dataset']} {rec['split']} ({m.inter.shape[0]} seeds summed), row-normalised"
+            figs.append(fig_confusion(m.confusion, classes, results / f"fig_confusion_{g.name}_{stage}.png", title))
+    return figs

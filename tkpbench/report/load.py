@@ -12,7 +12,15 @@ from typing import Any
 import numpy as np
 
 from tkpbench.records import load_summary, machine_key
-from tkpbench.stats import Estimate, load_counts, seed_and_image_interval, seed_interval
+from tkpbench.stats import (
+    Estimate,
+    Measurement,
+    load_counts,
+    measurement,
+    seed_and_image_interval,
+    seed_interval,
+    stack_measurements,
+)
 
 
 def variant(cfg: dict[str, Any]) -> str:
@@ -70,9 +78,11 @@ class Group:
         recs = self.records(stage)
         return recs[0]["dataset"] if recs else None
 
-    def counts(self, stage: str, crf: bool, seeds: list[int] | None = None):
-        """(S, N, C) inter and union of the given seeds, or None when a run has no counts file."""
-        inters, unions, ids = [], [], None
+    def measurement(self, stage: str, suffix: str = "", seeds: list[int] | None = None) -> Measurement | None:
+        """The counts of one measurement (``suffix``: "", "_crf", a ladder rung's) of the given seeds,
+        stacked (S, N, C) with its image ids; None when a run has no counts file,
+        lacks the measurement or was scored on other images."""
+        ms, ids = [], None
         for r in self.runs:
             if seeds is not None and r["seed"] not in seeds:
                 continue
@@ -80,22 +90,37 @@ class Group:
             if not rec or not rec.get("counts_file") or not (r["_dir"] / rec["counts_file"]).is_file():
                 return None
             c = load_counts(r["_dir"] / rec["counts_file"])
-            key = "_crf" if crf else ""
-            if f"inter{key}" not in c or (ids is not None and not np.array_equal(ids, c["ids"])):
+            m = measurement(c, suffix)
+            if m is None or (ids is not None and not np.array_equal(ids, c["ids"])):
                 return None
             ids = c["ids"]
-            inters.append(c[f"inter{key}"])
-            unions.append(c[f"union{key}"])
-        return (np.stack(inters), np.stack(unions)) if inters else None
+            ms.append(m)
+        if not ms:
+            return None
+        return stack_measurements(ms)
+
+    def counts(self, stage: str, crf: bool, seeds: list[int] | None = None):
+        """(S, N, C) inter and union of the given seeds, or None when a run has no counts file."""
+        m = self.measurement(stage, "_crf" if crf else "", seeds)
+        return None if m is None else (m.inter, m.union)
+
+    def ladder(self) -> list[dict[str, Any]] | None:
+        """The DeepLab evaluation ladder's rungs (``segment.ladder``) of the first seed's record, or
+        None for a record written before the ladder existed."""
+        recs = self.records("seg")
+        return recs[0].get("protocol", {}).get("ladder") if recs else None
 
     def estimate(self, stage: str, crf: bool = False) -> Estimate | None:
         """Mean over seeds with the 95% interval over seeds and images; from the records alone
         (no interval) when the per-image counts are missing."""
-        c = self.counts(stage, crf)
-        if c is not None:
-            return seed_and_image_interval(*c)
-        vals = [r.get("miou_crf" if crf else "miou") for r in self.records(stage)]
-        vals = [v for v in vals if v is not None]
+        return self.estimate_of(stage, "_crf" if crf else "", [r.get("miou_crf" if crf else "miou") for r in self.records(stage)])
+
+    def estimate_of(self, stage: str, suffix: str, recorded: list[float | None]) -> Estimate | None:
+        """``estimate`` of any measurement: from its counts, else from the recorded per-seed values."""
+        m = self.measurement(stage, suffix)
+        if m is not None:
+            return seed_and_image_interval(m.inter, m.union)
+        vals = [v for v in recorded if v is not None]
         if not vals:
             return None
         e = seed_interval(vals)

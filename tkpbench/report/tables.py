@@ -1,5 +1,7 @@
-"""Tables 1-4 of the paper, published next to measured with 95% intervals, the demo section and
-the per-class tables; each table is ``(title, header, rows, notes)`` of strings."""
+"""Tables 1-4 of the paper, published next to measured with 95% intervals, the demo section, the
+per-class tables and the detail tables (``detail_tables``: the DeepLab evaluation ladder,
+per-class precision and recall, which images change); each table is ``(title, header, rows,
+notes)`` of strings."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import numpy as np
 
 from tkpbench.report import published
 from tkpbench.report.load import Group, make_groups
-from tkpbench.stats import Estimate, paired_difference, verdict
+from tkpbench.stats import Estimate, ImageChanges, class_intervals, image_changes, paired_difference, verdict
 
 Table = tuple[str, list[str], list[list[str]], list[str]]
 
@@ -173,7 +175,8 @@ def demo_table(groups: list[Group]) -> Table:
     base = next((g for g in groups if g.variant == "max"), None)
     for g in groups:
         mk = g.records("mask")
-        bg = np.mean([r["miou_all_background"] for r in mk if r.get("miou_all_background") is not None]) if mk else None
+        bgs = [r["miou_all_background"] for r in mk if r.get("miou_all_background") is not None]
+        bg = float(np.mean(bgs)) if bgs else None
         dm = paired(g, base, "mask", True) if base is not None and g is not base else None
         ds = paired(g, base, "seg", False) if base is not None and g is not base else None
         rows.append(
@@ -262,3 +265,160 @@ def per_class_tables(runs: list[dict]) -> list[Table]:
         what = "pseudo masks after CRF" if stage == "mask" else "DeepLab-v2"
         out.append((f"Per-class IoU %, {what}, {data} {split}", ["class"] + [r for r, _ in cols], rows, []))
     return out
+
+
+# the pseudo masks are scored after the CRF (Table 1's and Table 4's column), DeepLab as configured
+STAGES = (("mask", "_crf", "pseudo masks after CRF"), ("seg", "", "DeepLab-v2"))
+
+RUNG_LABEL = {
+    "ss": "single scale",
+    "msf": "multi-scale + flip",
+    "msf_crf": "multi-scale + flip + CRF",
+    "configured": "configured",
+    "configured_crf": "configured + CRF",
+}
+
+
+def _ci(v: float, lo: float, hi: float) -> str:
+    """``61.2 [58.0, 64.1]``; ``-`` when undefined; the value alone when its interval is."""
+    if not np.isfinite(v):
+        return "-"
+    return f"{v:.1f} [{lo:.1f}, {hi:.1f}]" if np.isfinite(lo) else f"{v:.1f}"
+
+
+def _where(g: Group, stage: str) -> str:
+    rec = g.records(stage)[0]
+    return f"{'generated data' if g.synthetic else rec['dataset']} {rec['split']}"
+
+
+def ladder_tables(groups: list[Group]) -> list[Table]:
+    """One table per group with DeepLab records: mIoU ± its interval at each rung of the evaluation
+    ladder (``tkpbench.segment.ladder``), the rung Table 2 reports marked."""
+    out = []
+    for g in groups:
+        recs = g.records("seg")
+        if not recs:
+            continue
+        header = ["rung", "scales", "flip", "CRF", "mIoU", "Table 2"]
+        notes = [PM, "Table 2 reports the configured protocol (seg.eval_scales, seg.eval_flip); the paper does not state its own"]
+        rungs = g.ladder()
+        if rungs is None:
+            p = recs[0].get("protocol", {})
+            scales, flip = p.get("eval_scales", [1.0]), p.get("eval_flip", False)
+            name = "single scale" if list(scales) == [1.0] and not flip else "configured"
+            rows = [[name, ", ".join(map(str, scales)), "yes" if flip else "no", "no", cell(g.estimate("seg")), "yes"]]
+            notes.append(
+                "the other rungs were not computed: this record predates the ladder; "
+                "`tkpbench segment eval --run-dir RUN [--ladder]` computes every rung in one pass over val"
+            )
+        else:
+            rows = []
+            for r in rungs:
+                recorded = [
+                    next((x["miou"] for x in rec["protocol"].get("ladder", []) if x["rung"] == r["rung"]), None) for rec in recs
+                ]
+                e = g.estimate_of("seg", r["counts_suffix"], recorded)
+                rows.append(
+                    [
+                        RUNG_LABEL.get(r["rung"], r["rung"]),
+                        ", ".join(map(str, r["scales"])),
+                        "yes" if r["flip"] else "no",
+                        "yes" if r["crf"] else "no",
+                        cell(e),
+                        "yes" if r["table2"] else "",
+                    ]
+                )
+            if not any(r["crf"] for r in rungs):
+                notes.append("no CRF rung: it runs with seg.eval_crf = true or `tkpbench segment eval --ladder`")
+        out.append((f"Evaluation ladder, DeepLab-v2 of {g.name} ({_where(g, 'seg')}, mIoU %)", header, rows, notes))
+    return out
+
+
+def class_tables(groups: list[Group]) -> list[Table]:
+    """Per-class IoU, precision and recall with 95% intervals over images, one table per group and
+    stage; a counts file written before pred/gt were stored gives IoU only, and says so."""
+    out = []
+    for g in groups:
+        for stage, suffix, what in STAGES:
+            m = g.measurement(stage, suffix)
+            if m is None:
+                continue
+            classes = list(g.records(stage)[0].get("per_class") or []) or [str(c) for c in range(m.inter.shape[-1])]
+            notes = [
+                "[low, high] = 95% percentile bootstrap over images of the seed-averaged value (tkpbench.stats."
+                "class_intervals; the spread between seeds is not in it); precision = TP / predicted, recall = TP / ground truth"
+            ]
+            # without pred/gt the IoU interval still comes out: pred := union, gt := inter gives I / U
+            ci = class_intervals(m.inter, m.pred, m.gt) if m.has_pr else class_intervals(m.inter, m.union, m.inter)
+            keys = ("iou", "precision", "recall") if m.has_pr else ("iou",)
+            cols = [
+                [_ci(ci.value[k][c], ci.low[k][c], ci.high[k][c]) for k in keys] + ["n/a"] * (3 - len(keys))
+                for c in range(len(classes))
+            ]
+            if not m.has_pr:
+                notes.append(
+                    "precision and recall unavailable: this counts file predates the predicted and ground-truth "
+                    "counts (it holds intersection and union only); score the run again to get them"
+                )
+            rows = [[c, *v] for c, v in zip(classes, cols)]
+            title = f"Per-class IoU, precision and recall %, {what}, {g.name} ({_where(g, stage)}, n={m.inter.shape[0]} seeds)"
+            out.append((title, ["class", "IoU", "precision", "recall"], rows, notes))
+    return out
+
+
+def change_pairs(groups: list[Group], seeds: str = "shared") -> list[tuple[Group, Group, str, str, ImageChanges]]:
+    """(A, B, stage, suffix, changes) for every variant A against the max-pooling group B of the same
+    kind of data (Table 4's pairs; the demo's demo vs demo_max), at each stage both scored with
+    counts on the same images. ``seeds``: "shared" averages the shared seeds, "first" takes the
+    first shared seed alone (the one whose masks a figure shows)."""
+    out = []
+    for synthetic in (False, True):
+        kind = [g for g in groups if g.synthetic == synthetic]
+        base = next((g for g in kind if g.variant == "max"), None)
+        for a in kind:
+            shared = sorted(set(a.seeds) & set(base.seeds)) if base is not None and a is not base else []
+            if not shared:
+                continue
+            use = shared if seeds == "shared" else shared[:1]
+            for stage, suffix, _ in STAGES:
+                ma, mb = a.measurement(stage, suffix, use), base.measurement(stage, suffix, use)
+                if ma is None or mb is None or not np.array_equal(ma.ids, mb.ids):
+                    continue
+                out.append((a, base, stage, suffix, image_changes(ma.inter, ma.union, mb.inter, mb.union, ma.ids)))
+    return out
+
+
+def change_table(groups: list[Group]) -> list[Table]:
+    """Which images change: for each pair of ``change_pairs``, the share of images A improves (Wilson
+    95% interval), how many improve, worsen or tie, the mean per-image difference and the image
+    that gains and that loses most."""
+    rows = []
+    for a, b, stage, _, ch in change_pairs(groups):
+        gains, losses = ch.top(1)
+        rows.append(
+            [
+                f"{a.name} vs {b.name}",
+                dict((s, w) for s, _, w in STAGES)[stage],
+                _ci(ch.share.value, ch.share.low, ch.share.high),
+                f"{ch.improved} / {ch.worse} / {len(ch.delta) - ch.improved - ch.worse}",
+                f"{ch.delta.mean():+.1f}",
+                f"{ch.ids[gains[0]]} ({ch.delta[gains[0]]:+.1f})" if gains else "-",
+                f"{ch.ids[losses[0]]} ({ch.delta[losses[0]]:+.1f})" if losses else "-",
+            ]
+        )
+    if not rows:
+        return []
+    header = ["A vs B", "stage", "% images improved", "improved / worse / tied", "mean Δ", "largest gain", "largest loss"]
+    notes = [
+        "per-image mIoU = the mean, over the classes with a non-empty union in that image, of its IoU; "
+        "averaged over the shared seeds; Δ = A - B in points, paired by image",
+        "% images improved: images where A's per-image mIoU is higher, with Wilson's 95% interval over images",
+    ]
+    return [("Which images change (per-image mIoU, A vs the max-pooling run)", header, rows, notes)]
+
+
+def detail_tables(runs: list[dict]) -> list[Table]:
+    """The tables beyond the paper's: the evaluation ladder of every DeepLab group, which images
+    change between each variant and max pooling, and per-class precision and recall."""
+    groups = make_groups(runs)
+    return ladder_tables(groups) + change_table(groups) + class_tables(groups)
