@@ -2,12 +2,16 @@
 
     python -m tkpbench.segment train --run runs/topk_pce
     torchrun --nproc_per_node=8 -m tkpbench.segment train --run runs/topk_pce
-    python -m tkpbench.segment eval --run runs/topk_pce --split val [--set seg.eval_scales=[0.75,1.0,1.25]]
+    python -m tkpbench.segment eval --run runs/topk_pce --split val [--set seg.eval_scales=[0.75,1.0,1.25]] [--ladder]
 
 Training uses the same loop, checkpoints and log as ``tkpbench.train`` (``tkpbench.engine``),
 under ``<run>/seg/``. It reads only the (CRF-refined) pseudo masks of ``data.seg_train_split``,
 never ground truth. Recipe (deeplab-pytorch's VOC): SGD momentum 0.9, lr 2.5e-4 (x10 for the
 ASPP), poly 0.9, weight decay 5e-4, batch 10, crop 321 with random scale 0.5-1.5 and flip.
+
+``eval`` scores one pass over the split at every rung of the evaluation ladder (``ladder``):
+single scale, multi-scale + flip and, with ``--ladder`` or ``seg.eval_crf``, the dense CRF on the
+multi-scale + flip probabilities; Table 2 reports the configured protocol (``seg.eval_*``).
 """
 
 from __future__ import annotations
