@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 STAMP    = $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench report reproduce-voc reproduce-coco ablation sweep clean-demo
+.PHONY: install test test-fast demo bench gpu-check report reproduce-voc reproduce-coco ablation sweep clean-demo
 
 install: $(STAMP)
 
@@ -27,7 +27,12 @@ demo: install
 	./reproduce.sh demo
 
 bench: install
-	$(BIN)/python -m tkpbench.bench
+	$(BIN)/python bench/stages.py
+
+# The first hour on a GPU machine: every CUDA path in at most 8 minutes on one GPU (10 on two), one
+# table and a JSON record in bench/. Installs nothing: the venv's python when there is one, else python3.
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) bench/gpu_check.py
 
 report: install
 	$(BIN)/python -m tkpbench.report results

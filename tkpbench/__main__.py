@@ -25,7 +25,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("tkpbench.report", "Tables 1-4, published vs measured, with intervals; figures"),
     "data": ("tkpbench.data.__main__", "download, check, prepare VOC/SBD/COCO, generate demo data"),
     "predict": ("tkpbench.predict", "masks and overlays for your own images from a trained run"),
-    "bench": ("tkpbench.bench", "throughput of every stage on this device"),
 }
 
 

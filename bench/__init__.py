@@ -1,0 +1,1 @@
+"""Benchmarks and machine checks, outside the installed package: ``python bench/<script>.py``."""
