@@ -156,7 +156,7 @@ def fig_image_changes(results: Path, runs_dir: Path, a: str, b: str, changes: Im
                 [ds.mask(i) for i in idx],
                 [read_mask(a_dir / f"{ds.ids[i]}.png", ds.num_classes) for i in idx],
                 [read_mask(b_dir / f"{ds.ids[i]}.png", ds.num_classes) for i in idx],
-                (f"largest {what}s: id, Δ mIoU", "ground truth", f"{a} (CRF)", f"{b} (CRF)"),
+                (f"largest {what}s: id, mIoU change", "ground truth", f"{a} (CRF)", f"{b} (CRF)"),
                 [f"{changes.ids[p]} {changes.delta[p]:+.1f}" for p in picked if str(changes.ids[p]) in where],
             )
         )
