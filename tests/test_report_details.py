@@ -148,7 +148,7 @@ def test_old_counts_files_give_iou_intervals_and_say_precision_and_recall_are_un
     tables = detail_tables(load_results(_results(tmp_path, old=True)))
     t = _table(tables, "Per-class IoU, precision and recall %, pseudo masks")[0]
     assert all(r[2:] == ["n/a", "n/a"] and "[" in r[1] for r in t[2])
-    assert any("precision and recall unavailable" in n for n in t[3])
+    assert any("precision and recall unavailable, and no confusion-matrix figure" in n for n in t[3])
 
 
 def test_which_images_change_pairs_each_variant_with_max_pooling(tmp_path):

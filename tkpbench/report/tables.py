@@ -357,8 +357,8 @@ def class_tables(groups: list[Group]) -> list[Table]:
             ]
             if not m.has_pr:
                 notes.append(
-                    "precision and recall unavailable: this counts file predates the predicted and ground-truth "
-                    "counts (it holds intersection and union only); score the run again to get them"
+                    "precision and recall unavailable, and no confusion-matrix figure: this counts file predates the "
+                    "predicted and ground-truth counts (it holds intersection and union only); score the run again to get them"
                 )
             rows = [[c, *v] for c, v in zip(classes, cols)]
             title = f"Per-class IoU, precision and recall %, {what}, {g.name} ({_where(g, stage)}, n={m.inter.shape[0]} seeds)"
