@@ -143,8 +143,9 @@ class SegTask(Task):
 
 EXAMPLES = 8  # eval images whose DeepLab prediction is kept (seg/examples/) for the report's Fig. 5
 
-# the ladder's multi-scale + flip rung when seg.eval_scales is a single scale: the scales most WSSS
-# DeepLab evaluations and mmsegmentation's "ms+flip" use (0.5-1.5 in steps of 0.25), both flips
+# the ladder's multi-scale + flip rung when seg.eval_scales is a single scale (the paper states no
+# test protocol): 0.5-1.5 in steps of 0.25, each with its horizontal flip (a choice; mmsegmentation's
+# ms+flip configs go on to 1.75)
 MSF_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
 
 
