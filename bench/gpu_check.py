@@ -296,8 +296,8 @@ def check_crf(ctx: Context, budget: int) -> Result:
     mean = float(np.mean(agree))
     return verdict(
         mean >= AGREEMENT_FLOOR["crf"],
-        f"{mean:.5f} agree, {len(pairs) / t_ours:.1f} images/s",
-        f"{source}; pydensecrf {len(pairs) / t_ref:.2f} images/s on one core; worst image {min(agree):.5f}",
+        f"{mean:.5f} agree, {len(pairs) / t_ours:.3g} images/s",
+        f"{source}; pydensecrf {len(pairs) / t_ref:.3g} images/s on one core; worst image {min(agree):.5f}",
         agreement_mean=mean,
         agreement_min=min(agree),
         torch_images_per_s=len(pairs) / t_ours,
