@@ -354,3 +354,208 @@ def test_each_rank_draws_its_own_dropout_masks_and_rank_0_keeps_the_single_proce
     single = Trainer(TKPTask(cfg), cfg.to_dict(), tmp_path / "one", D.DistInfo(), progress=False)
     single.build()
     assert torch.equal(torch.nn.functional.dropout(torch.ones(64), 0.5), draws[0])
+
+
+def test_the_cuda_rng_state_is_this_ranks_device_only(monkeypatch):
+    """Rank 5 of a 1 x 8 node saves its own device's CUDA generator, and the same rank on a 2 x 4
+    layout (local device 1) restores it onto device 1 alone: with every device's state saved, a
+    node with 4 GPUs could not take the 8 states back. torch.cuda is faked (no GPU here)."""
+    states = {d: torch.full((16,), d, dtype=torch.uint8) for d in range(8)}
+    current = {"device": 5}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["device"])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[device].clone())
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [states[d].clone() for d in range(8)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((device, state)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda all_: restored.extend(enumerate(all_)))
+    saved = D.rng_state()
+    assert isinstance(saved["cuda"], torch.Tensor) and torch.equal(saved["cuda"], states[5])
+    current["device"] = 1
+    D.set_rng_state(saved)
+    assert len(restored) == 1 and restored[0][0] == 1 and torch.equal(restored[0][1], states[5])
+
+
+RESUME_WORKER = """
+import json, sys
+from pathlib import Path
+import tkpbench.checkpoint as C
+from tkpbench import distributed as D
+from tkpbench.errors import TrainingError
+
+ckpts, out = Path(sys.argv[1]), Path(sys.argv[2])
+dist = D.setup("cpu")
+results = {}
+for case in ("lagging", "unreadable"):
+    listing, load = C.list_checkpoints, C.load_checkpoint
+    if dist.rank == 1 and case == "lagging":  # this node's view of the shared folder lacks the newest file
+        C.list_checkpoints = lambda d: listing(d)[:-1]
+    if dist.rank == 1 and case == "unreadable":  # the file rank 0 chose cannot be read on this node
+        def refuse(path):
+            raise C.CheckpointError(f"{path} cannot be read here")
+        C.load_checkpoint = refuse
+    try:
+        ck = C.resume_checkpoint("auto", ckpts, dist.is_main)
+        results[case] = {"path": ck["_path"], "step": int(ck["step"])}
+    except TrainingError as e:
+        results[case] = {"error": str(e)}
+    C.list_checkpoints, C.load_checkpoint = listing, load
+(out / f"rank{dist.rank}.json").write_text(json.dumps(results))
+D.cleanup()
+"""
+
+
+def test_rank_0_chooses_the_checkpoint_to_resume_and_every_rank_loads_that_one(tmp_path):
+    """Two processes (gloo) on one run folder: rank 1 sees a lagging listing without the newest
+    checkpoint, yet both resume from step 4, the file rank 0 chose; when rank 1 cannot read that
+    file, both ranks stop with one error naming it (neither waits for the other)."""
+    import socket
+
+    from tkpbench.runs import CHECKPOINT_FORMAT
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for step in (2, 4):
+        torch.save({"format": CHECKPOINT_FORMAT, "model": {}, "step": step}, ckpts / f"step_{step:08d}.pt")
+    (tmp_path / "worker.py").write_text(RESUME_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(tmp_path / "worker.py"), str(ckpts), str(tmp_path)],
+            env=dict(_env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    newest = str(ckpts / "step_00000004.pt")
+    assert [r["lagging"] for r in results] == [{"path": newest, "step": 4}] * 2
+    for r in results:
+        assert r["unreadable"]["error"].startswith(f"rank 1 cannot load {newest}, the checkpoint rank 0 chose")
+
+
+def test_a_file_system_without_flock_is_refused_naming_the_folder_and_the_fix(synth_root, tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    cfg = tiny_config(synth_root / "VOC2012")
+    with pytest.raises(TrainingError, match=rf"cannot lock {tmp_path / 'r' / '.lock'}: .* does not support flock .*--runs"):
+        fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "r", D.DistInfo(), progress=False)
+
+    def broken(fd, op):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fcntl, "flock", broken)
+    with pytest.raises(OSError, match="Input/output error"):  # another failure is not mistaken for it
+        RunLock(tmp_path / "r").__enter__()
+
+
+def _children() -> list[int]:
+    """The process ids of this process's children (Linux)."""
+    return [int(pid) for f in Path("/proc/self/task").glob("*/children") for pid in f.read_text().split()]
+
+
+def test_sigterm_to_every_process_checkpoints_at_the_next_step_exits_143_and_resumes_exactly(synth_root, tmp_path):
+    """SLURM signals every process of a job step, the DataLoader workers too: they ignore it (the
+    signal comes at an epoch's last step, so the next step needs them), the trainer checkpoints at
+    the next step and ends with 128 + 15; the same command then continues to the weights of an
+    uninterrupted run."""
+    import signal
+
+    from tkpbench.engine import Trainer
+    from tkpbench.errors import TrainingInterrupted
+
+    class SignalledAtTheEndOfEpoch1(Trainer):
+        def after_step(self) -> None:
+            if self.state.step == self.sampler.batches_per_epoch:
+                for pid in [*_children(), os.getpid()]:
+                    os.kill(pid, signal.SIGTERM)
+
+    cfg = tiny_config(synth_root / "VOC2012", data__workers="2")
+    fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "a", D.DistInfo(), progress=False)
+    t = SignalledAtTheEndOfEpoch1(TKPTask(cfg), cfg.to_dict(), tmp_path / "b", D.DistInfo(), progress=False)
+    with pytest.raises(TrainingInterrupted, match="stopped by signal 15 ") as stopped:
+        t.fit()
+    assert stopped.value.exit_code == 143
+    assert load_latest(tmp_path / "b" / "checkpoints")["step"] == t.sampler.batches_per_epoch + 1
+    assert not (tmp_path / "b" / "final.pt").exists()
+    fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "b", D.DistInfo(), progress=False)
+    a = torch.load(tmp_path / "a" / "final.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_stop_rule_says_why_the_loop_ends():
+    import signal
+
+    from tkpbench.engine import StopRule
+
+    rule = StopRule(max_steps=10, patience=2)
+    rule.at_start(0, stopped_early=False)
+    assert not rule.after_step(5, None) and rule.reason is None
+    assert not rule.after_evaluation(5, epoch=2, best_epoch=1)
+    assert rule.after_evaluation(6, epoch=3, best_epoch=1) and rule.reason == "patience" and rule.stopped_early
+    rule = StopRule(max_steps=10, patience=0)
+    assert rule.after_step(10, None) and rule.reason == "max_steps"
+    assert not rule.after_evaluation(10, epoch=9, best_epoch=0)  # patience 0: never
+    rule = StopRule(max_steps=10, patience=0)
+    assert rule.after_step(10, signal.SIGTERM) and (rule.reason, rule.signum) == ("signal", 15)  # a signal wins
+    rule.at_start(10, stopped_early=False)  # resumed after the last step: only final.pt is left to write
+    assert rule.reason == "max_steps"
+    rule.at_start(4, stopped_early=True)  # resumed after patience ran out: it stays stopped
+    assert rule.reason == "patience"
+
+
+@pytest.fixture
+def _torch_defaults_after():
+    yield
+    D.set_determinism(False)
+
+
+def test_set_determinism_switches_the_kernels_and_precision_settings_records_them(monkeypatch, _torch_defaults_after):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    D.set_determinism(True)
+    on = D.precision_settings()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert on["deterministic_algorithms"] and on["cudnn_deterministic"] and not on["cudnn_benchmark"]
+    assert on["cublas_workspace_config"] == ":4096:8"
+    assert not torch.is_deterministic_algorithms_warn_only_enabled()  # an op without a deterministic kernel raises
+    D.set_determinism(False)
+    off = D.precision_settings()
+    assert not off["deterministic_algorithms"] and not off["cudnn_deterministic"]
+    for k in ("tf32_matmul", "tf32_cudnn", "float32_matmul_precision"):
+        assert k in off
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert D.precision_settings()["tf32_matmul"] is True  # read live, not cached
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def test_train_deterministic_trains_the_same_weights_on_the_cpu(synth_root, tmp_path, monkeypatch, _torch_defaults_after):
+    """train.deterministic reaches set_determinism before the model is built, and on the CPU (whose
+    kernels are deterministic already) the run trains bit-identical weights."""
+    from tkpbench.engine import Trainer
+
+    switched = []
+
+    class Recording(Trainer):
+        def build(self) -> None:
+            switched.append(torch.are_deterministic_algorithms_enabled())
+            super().build()
+
+    runs = {}
+    for flag in ("false", "true"):
+        cfg = tiny_config(synth_root / "VOC2012", train__epochs="1", train__deterministic=flag)
+        runs[flag] = Recording(TKPTask(cfg), cfg.to_dict(), tmp_path / flag, D.DistInfo(), progress=False).fit().state_dict()
+    assert switched == [False, True]
+    assert all(torch.equal(runs["false"][k], runs["true"][k]) for k in runs["false"])

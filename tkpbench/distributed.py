@@ -10,6 +10,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Iterator
 
 import numpy as np
@@ -18,6 +19,12 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from tkpbench.errors import TrainingError
+
+# How long a collective may wait for the slowest rank before the job is aborted. NCCL's default
+# (10 minutes) is too short here: ranks with no pseudo-mask work left wait at a barrier for the
+# others, and a slow shared file system can hold one rank in a checkpoint write or load. A hung job
+# still ends, two hours later.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
 
 
 @dataclass
@@ -48,7 +55,9 @@ def setup(device: str | None = None) -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None, timeout=PROCESS_GROUP_TIMEOUT
+        )
     return DistInfo(rank, local, world, dev)
 
 
@@ -70,6 +79,15 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` as rank ``src`` has it, on every rank (a decision one rank makes for all)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         t = t.clone()
@@ -86,12 +104,14 @@ def autocast(device: torch.device, enabled: bool = True):
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a training step draws from, as tensors and plain numbers only, so that a checkpoint
-    holding it loads with ``torch.load(weights_only=True)``."""
+    holding it loads with ``torch.load(weights_only=True)``. On CUDA only this process's own device
+    (the current one): a resume on another node layout (1 x 8 GPUs -> 2 x 4) restores it onto
+    whichever device that rank has there."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     version, mt, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state(torch.cuda.current_device()) if torch.cuda.is_available() else None,
         "numpy": {
             "keys": torch.from_numpy(keys.astype(np.int64)),
             "pos": int(pos),
@@ -103,10 +123,10 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(s: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` returned."""
+    """Restore what ``rng_state`` returned; the CUDA state goes to the current device only."""
     torch.set_rng_state(s["torch"])
     if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+        torch.cuda.set_rng_state(s["cuda"], torch.cuda.current_device())
     n = s["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = s["python"]
@@ -122,6 +142,35 @@ def rng_isolated():
         yield
     finally:
         set_rng_state(saved)
+
+
+def set_determinism(on: bool) -> None:
+    """``train.deterministic``: deterministic kernels (``torch.use_deterministic_algorithms``, cuDNN
+    deterministic, no cuDNN autotuning, ``CUBLAS_WORKSPACE_CONFIG``), which a bit-for-bit resume
+    on CUDA needs. An op that has no deterministic CUDA kernel then raises instead of running.
+    Call it before the process's first CUDA matmul: cuBLAS reads its workspace setting once. Off
+    restores torch's defaults (also after an earlier call in the same process); CPU kernels are
+    deterministic either way."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=False)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
+
+
+def precision_settings() -> dict[str, Any]:
+    """The settings that decide which float kernels run, for records: TF32 in matmuls and in cuDNN
+    convolutions (a run in TF32 computes different numbers than one in full fp32), the float32
+    matmul precision, and the determinism switches of ``set_determinism``."""
+    return {
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG", ""),
+    }
 
 
 def seed_everything(seed: int) -> None:

@@ -5,13 +5,15 @@ A ``Task`` says what is trained (model, data, optimiser, learning rate, loss); a
 the rest. ``Trainer.fit`` reads like the algorithm:
 
     lock the run folder; build; resume
-    while steps remain: begin_epoch; train_step per batch; end_epoch (evaluate, log, checkpoint)
+    until the stop rule says stop: begin_epoch; train_step per batch; end_epoch (evaluate, log, checkpoint)
     save final.pt
 
-One checkpoint format (``Checkpointer``: a dict of tensors and plain values that loads with
-``weights_only=True``) and one log (``log.jsonl``; each checkpoint records the log's length, so a
-resume drops exactly the lines of the steps it will run again). Evaluations run with every RNG
-saved and restored around them: how often a run evaluates never changes its weights.
+``StopRule`` is the one place that decides when the loop ends and why: the schedule's last step
+(``max_steps``), patience (no better evaluation for that many epochs) or a signal (SIGTERM/SIGINT
+on any rank: checkpoint at the next step boundary, then exit with 128 + its number).
+Checkpoints and the choice of the one to resume from are ``tkpbench.checkpoint``'s; the log
+(``log.jsonl``, TensorBoard) is ``tkpbench.runlog``'s. Evaluations run with every RNG saved and
+restored around them: how often a run evaluates never changes its weights.
 Tests inject faults by subclassing ``Trainer`` (``after_step``, ``losses``), not through options.
 """
 
@@ -19,9 +21,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import json
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -34,11 +34,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 from tkpbench import distributed as D
+from tkpbench.checkpoint import Checkpointer, list_checkpoints, load_latest, resume_checkpoint
 from tkpbench.config import diff_configs
-from tkpbench.errors import CheckpointError, RunLockedError, TrainingError, TrainingInterrupted
-from tkpbench.io import atomic_torch_save, atomic_write_text, remove_stale_temporaries
+from tkpbench.errors import RunLockedError, TrainingError, TrainingInterrupted
+from tkpbench.io import atomic_torch_save, atomic_write_text
 from tkpbench.progress import make_progress
+from tkpbench.runlog import RunLog
 from tkpbench.runs import CHECKPOINT_FORMAT, RunDir, RunLock, load_checkpoint
+
+# list_checkpoints and load_latest live in tkpbench.checkpoint; they stay importable from here
+__all__ = ["Task", "Trainer", "StopRule", "fit", "fused_optimizer", "unwrap", "list_checkpoints", "load_latest", "TrainingError"]
 
 
 class Task(abc.ABC):
@@ -113,44 +118,8 @@ class RunState:
     step: int = 0
 
 
-def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    return sorted(Path(ckpt_dir).glob("step_*.pt"))
-
-
-def load_latest(ckpt_dir: Path, warn=print) -> dict[str, Any] | None:
-    """Newest loadable checkpoint; a damaged or foreign one is skipped with a warning."""
-    for path in reversed(list_checkpoints(ckpt_dir)):
-        try:
-            ck = load_checkpoint(path)
-            ck["_path"] = str(path)
-            return ck
-        except CheckpointError as e:
-            warn(f"warning: checkpoint {path} is corrupt or not usable ({e}); falling back to the previous one")
-    return None
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DDP) else model
-
-
-class Checkpointer:
-    """Writes and prunes ``step_*.pt`` (rank 0 writes; every rank contributes its RNG state)."""
-
-    def __init__(self, run: RunDir, keep: int, main: bool) -> None:
-        self.dir, self.keep, self.main = run.checkpoints, keep, main
-        if main and self.dir.is_dir():
-            remove_stale_temporaries(self.dir)  # left by a job killed while writing
-
-    def save(self, payload: dict[str, Any], step: int, tag: str | None = None) -> Path:
-        rngs = D.all_gather_object(D.rng_state())
-        path = self.dir / (tag or f"step_{step:08d}.pt")
-        if self.main:
-            atomic_torch_save(path, {"format": CHECKPOINT_FORMAT, **payload, "rng": rngs})
-            if tag is None:
-                for old in list_checkpoints(self.dir)[: -self.keep]:
-                    old.unlink(missing_ok=True)
-        D.barrier()
-        return path
 
 
 class _Signals:
@@ -171,10 +140,56 @@ class _Signals:
             signal.signal(s, h)
 
 
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM/SIGINT: SLURM signals every process of a job step and a
+    terminal every process of its group, and a worker that died of it would fail the next batch
+    before the training process could checkpoint. The trainer stops them when it exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StopRule:
+    """When the training loop ends, and why; the only place that decides it. ``reason`` is None
+    while training goes on, then ``MAX_STEPS`` (the schedule's last step is done), ``PATIENCE``
+    (``patience`` epochs without a better evaluation; 0 = never) or ``SIGNAL`` (SIGTERM/SIGINT
+    on any rank; ``signum`` says which: the loop checkpoints and exits with 128 + it)."""
+
+    MAX_STEPS, PATIENCE, SIGNAL = "max_steps", "patience", "signal"
+
+    def __init__(self, max_steps: int, patience: int) -> None:
+        self.max_steps, self.patience = max_steps, patience
+        self.reason: str | None = None
+        self.signum: int | None = None
+
+    def at_start(self, step: int, stopped_early: bool) -> None:
+        """A run that starts (or resumes) at ``step``; ``stopped_early``: patience had already ended it."""
+        self.reason = self.PATIENCE if stopped_early else (self.MAX_STEPS if step >= self.max_steps else None)
+
+    def after_step(self, step: int, signum: int | None) -> bool:
+        """After each optimiser step, with the signal any rank received (the same on every rank):
+        whether to leave the epoch now."""
+        if signum is not None:
+            self.reason, self.signum = self.SIGNAL, signum
+        elif step >= self.max_steps:
+            self.reason = self.MAX_STEPS
+        return self.reason is not None
+
+    def after_evaluation(self, step: int, epoch: int, best_epoch: int) -> bool:
+        """After the evaluation of whole epoch ``epoch``; the best one so far was ``best_epoch``."""
+        if self.patience and step < self.max_steps and epoch - best_epoch >= self.patience:
+            self.reason = self.PATIENCE
+        return self.reason == self.PATIENCE
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.reason == self.PATIENCE
+
+
 class Trainer:
     """Trains one ``Task`` in one run folder. ``resume``: "auto" continues the newest valid
     checkpoint, a path continues that file, None refuses a folder that already has checkpoints.
-    ``config_text`` goes to ``config.toml`` once the run is known not to clash with the folder."""
+    ``config_text`` goes to ``config.toml`` once the run is known not to clash with the folder.
+    ``cfg_dict["train"]["deterministic"]`` switches deterministic kernels on (``D.set_determinism``)."""
 
     def __init__(
         self,
@@ -189,15 +204,14 @@ class Trainer:
         tensorboard: bool = False,
     ) -> None:
         self.task, self.cfg_dict, self.run, self.dist = task, cfg_dict, RunDir(run_dir), dist
-        self.tensorboard, self.tb = tensorboard, None
         self.resume_from, self.force, self.show_progress, self.config_text = resume, force, progress, config_text
         self.main = dist.is_main
+        self.runlog = RunLog(self.run.log, self.main, task.name, self.run.root / "tensorboard" if tensorboard else None)
         self.state = RunState()
         self.best: float | None = None  # the best evaluate()[best_metric] so far
         self.best_epoch = 0  # the epoch it was reached at
-        self.stopped_early = False  # patience ran out (Keras's EarlyStopping)
         self.signals = _Signals()
-        self.stop_signal: int | None = None  # set by train_step when any rank received SIGTERM/SIGINT
+        self.signal_seen: int | None = None  # set by train_step when any rank received SIGTERM/SIGINT
         self.prog = None
 
     def say(self, msg: str) -> None:
@@ -206,17 +220,18 @@ class Trainer:
 
     # -- the algorithm -------------------------------------------------------------------------
     def fit(self) -> nn.Module:
+        D.set_determinism(bool(self.cfg_dict.get("train", {}).get("deterministic", False)))
         with self._lock(), self.signals, self._progress():
             self.build()
             self.resume()
-            while self.state.step < self.total:
+            while self.stop.reason is None:
                 self.begin_epoch()
                 for batch in self.loader:
                     self.train_step(batch)
                     self.after_step()
-                    if self.stop_signal is not None or self.state.step >= self.total:
+                    if self.stop.after_step(self.state.step, self.signal_seen):
                         break
-                if self.stop_signal is not None:
+                if self.stop.reason == StopRule.SIGNAL:
                     self.interrupted()
                 self.end_epoch()
             self.save_final()
@@ -251,8 +266,7 @@ class Trainer:
         finally:
             if self.prog is not None:
                 self.prog.stop()
-            if self.tb is not None:
-                self.tb.close()
+            self.runlog.close()
 
     def build(self) -> None:
         """Model (same initial weights on every rank), optimiser, data, geometry of the batch."""
@@ -287,30 +301,22 @@ class Trainer:
             persistent_workers=w > 0,
             drop_last=True,
             prefetch_factor=4 if w > 0 else None,
+            worker_init_fn=_leave_signals_to_the_trainer if w > 0 else None,
             # its own generator: an iterator made at resume must not draw from the global RNG
             generator=torch.Generator().manual_seed(task.seed),
         )
         self.total = task.total_steps(self.sampler.batches_per_epoch)
+        self.stop = StopRule(self.total, task.patience)
         self.ddp: nn.Module = self.model
         self.wrapped = False
         self.t_last, self.imgs_since = time.perf_counter(), 0
 
     def resume(self) -> None:
-        """Continue from a checkpoint (model, optimiser, position, RNG of every rank, log length)."""
-        ck = None
-        if self.resume_from == "auto":
-            ck = load_latest(self.run.checkpoints, warn=self.say)
-        elif self.resume_from:
-            try:
-                ck = load_checkpoint(self.resume_from)
-            except CheckpointError as e:
-                raise TrainingError(str(e)) from e
-        elif list_checkpoints(self.run.checkpoints):
-            raise TrainingError(
-                f"{self.run.root} already holds checkpoints; pass --resume auto to continue it, or choose another run name"
-            )
+        """Continue from a checkpoint (model, optimiser, position, RNG of every rank, log length);
+        rank 0 chooses which (``checkpoint.resume_checkpoint``)."""
+        ck = resume_checkpoint(self.resume_from, self.run.checkpoints, self.main, warn=self.say)
         if ck is not None:
-            where = ck.get("_path", self.resume_from)
+            where = ck["_path"]
             diff = diff_configs(self.task.resume_view(ck["config"]), self.task.resume_view(self.cfg_dict))
             if diff and not self.force:
                 raise TrainingError(
@@ -321,8 +327,6 @@ class Trainer:
             self.state = RunState(ck["epoch"], ck["batch_in_epoch"], ck["step"])
             self.best = ck.get("best_metric")
             self.best_epoch = int(ck.get("best_epoch", 0))
-            if ck.get("stopped_early"):
-                self.stopped_early, self.total = True, self.state.step
             if ck.get("world") == self.dist.world:
                 D.set_rng_state(ck["rng"][self.dist.rank])
             else:
@@ -331,28 +335,14 @@ class Trainer:
                     f"{self.dist.world}: the data order continues approximately, not exactly"
                 )
             self.say(f"resumed from {where} at epoch {self.state.epoch + 1}, step {self.state.step}")
-            if self.main:
-                self._truncate_log(ck.get("log_bytes"))
-        elif self.main and self.run.log.is_file():
-            self._truncate_log(0)  # a fresh start: the old lines belong to no checkpoint
+            self.runlog.truncate(ck.get("log_bytes"))
+        elif self.run.log.is_file():
+            self.runlog.truncate(0)  # a fresh start: the old lines belong to no checkpoint
+        self.stop.at_start(self.state.step, bool(ck and ck.get("stopped_early")))
         if self.main and self.config_text is not None:
             atomic_write_text(self.run.config, self.config_text)
         if self.prog is not None:
             self.bar = self.prog.add_task(self.task.name, total=self.total, completed=self.state.step, info="")
-
-    def _truncate_log(self, keep_bytes: int | None) -> None:
-        """Keep the log as it was at the checkpoint; a torn last line (a kill mid-write) is dropped."""
-        data = self.run.log.read_bytes() if self.run.log.is_file() else b""
-        if keep_bytes is not None:
-            data = data[:keep_bytes]
-        lines = []
-        for ln in data.decode(errors="replace").splitlines():
-            try:
-                json.loads(ln)
-                lines.append(ln)
-            except ValueError:
-                continue
-        atomic_write_text(self.run.log, "".join(x + "\n" for x in lines))
 
     def begin_epoch(self) -> None:
         changed = self.task.set_phase(self.model, self.state.epoch)
@@ -380,17 +370,17 @@ class Trainer:
         for i in range(self.accum):
             mb = tuple(x[i * self.micro : (i + 1) * self.micro] for x in batch)
             sync = i == self.accum - 1 or not dist.enabled
-            with self.ddp.no_sync() if not sync else contextlib.nullcontext():
+            with self.ddp.no_sync() if not sync else contextlib.nullcontext(), _explain_nondeterministic_ops():
                 losses = self.losses(mb)
                 (losses["loss"] / self.accum).backward()
             part = torch.stack([v.detach().float() for v in losses.values()]) / self.accum
             summed = part if summed is None else summed + part
         # the terms summed over ranks (a NaN on any rank stays non-finite, so every rank decides
-        # alike) and the stop flag, in one all-reduce
+        # alike) and the signal flag, in one all-reduce
         flag = torch.tensor([float(self.signals.signal is not None)], device=dist.device)
         *values, stop = D.all_reduce_sum(torch.cat([summed, flag])).tolist()
         terms = {k: v / dist.world for k, v in zip(losses, values)}  # means over ranks
-        self.stop_signal = (self.signals.signal or signal.SIGTERM) if stop > 0 else None
+        self.signal_seen = (self.signals.signal or signal.SIGTERM) if stop > 0 else None
         bad = [k for k, v in terms.items() if not math.isfinite(v)]
         if bad:
             path = self.checkpoint(f"diagnostic_nan_step{st.step:08d}.pt")
@@ -417,7 +407,7 @@ class Trainer:
         ips = self.imgs_since / max(now - self.t_last, 1e-9)
         self.t_last, self.imgs_since = now, 0
         mem = torch.cuda.max_memory_allocated() / 2**30 if self.dist.device.type == "cuda" else 0.0
-        self.log(
+        self.runlog.write(
             {
                 "step": self.state.step,
                 "epoch": self.state.epoch + 1,
@@ -441,18 +431,14 @@ class Trainer:
         if (whole and self.task.eval_due(st.epoch)) or (st.step >= self.total and self.task.eval_due(0)):
             with D.rng_isolated():
                 metrics = self.task.evaluate(self.model, self.dist)
-            self.log({"step": st.step, "epoch": st.epoch, **{f"val_{k}": v for k, v in metrics.items()}})
+            self.runlog.write({"step": st.step, "epoch": st.epoch, **{f"val_{k}": v for k, v in metrics.items()}})
             self.say(f"epoch {st.epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
             self._keep_if_best(metrics)
-            self._stop_if_patience_ran_out()
+            if self.stop.after_evaluation(st.step, st.epoch, self.best_epoch):
+                self.say(
+                    f"early stop after epoch {st.epoch}: no better val {self.task.best_metric} since epoch {self.best_epoch}"
+                )
         self.checkpoint()
-
-    def _stop_if_patience_ran_out(self) -> None:
-        """train.patience: end the run after that many epochs without a better evaluation."""
-        p, st = self.task.patience, self.state
-        if p and st.step < self.total and st.epoch - self.best_epoch >= p:
-            self.stopped_early, self.total = True, st.step
-            self.say(f"early stop after epoch {st.epoch}: no better val {self.task.best_metric} since epoch {self.best_epoch}")
 
     def _keep_if_best(self, metrics: dict[str, float]) -> None:
         """Track the best evaluation (ties keep the earlier); with train.keep = "best" its weights go to best.pt."""
@@ -474,40 +460,17 @@ class Trainer:
             )
 
     def interrupted(self) -> None:
+        """The stop rule's SIGNAL: checkpoint where the loop is, then end with 128 + the signal."""
         path = self.checkpoint()
-        sig = self.stop_signal
+        sig = self.stop.signum
         raise TrainingInterrupted(
             f"stopped by signal {sig} ({signal.Signals(sig).name}) at step {self.state.step}; "
             f"saved {path}. Run the same command again to continue from there",
             sig,
         )
 
-    def log(self, rec: dict[str, Any]) -> None:
-        if self.main:
-            with open(self.run.log, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if self.tensorboard:
-                self._tb_log(rec)
-
-    def _tb_log(self, rec: dict[str, Any]) -> None:
-        """The same numbers as log.jsonl, live in TensorBoard (``--tensorboard``, extra ``tkpbench[tb]``)."""
-        if self.tb is None:
-            # lazy: the optional extra; torch.utils.tensorboard needs the tensorboard package
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise TrainingError(
-                    f"--tensorboard needs the tensorboard package: pip install 'tkpbench[tb]' (or pip install tensorboard); {e}"
-                ) from None
-            self.tb = SummaryWriter(str(self.run.root / "tensorboard"))
-        for k, v in rec.items():
-            if k not in ("step", "epoch") and isinstance(v, (int, float)):
-                self.tb.add_scalar(f"{self.task.name}/{k}", v, rec["step"])
-        self.tb.flush()
-
     def checkpoint(self, tag: str | None = None) -> Path:
         st = self.state
-        log_bytes = os.path.getsize(self.run.log) if self.main and self.run.log.is_file() else 0
         return self.ckpt.save(
             {
                 "task": self.task.name,
@@ -518,17 +481,18 @@ class Trainer:
                 "step": st.step,
                 "config": self.cfg_dict,
                 "world": self.dist.world,
-                "log_bytes": log_bytes,
+                "log_bytes": self.runlog.size(),
                 "best_metric": self.best,
                 "best_epoch": self.best_epoch,
-                "stopped_early": self.stopped_early,
+                "stopped_early": self.stop.stopped_early,
             },
             st.step,
             tag,
         )
 
     def save_final(self) -> None:
-        """final.pt: the last weights, or with train.keep = "best" those of the best evaluation."""
+        """final.pt: the last weights, or with train.keep = "best" those of the best evaluation, and
+        the precision settings the run trained with (``D.precision_settings``) for its records."""
         if self.main:
             weights, kept = unwrap(self.model).state_dict(), f"last (step {self.state.step})"
             if self.task.keep == "best" and self.run.best.is_file():
@@ -545,9 +509,26 @@ class Trainer:
                     "step": self.state.step,
                     "task": self.task.name,
                     "kept": kept,
+                    "precision": D.precision_settings(),  # TF32 and determinism as this run trained
                 },
             )
         D.barrier()
+
+
+@contextlib.contextmanager
+def _explain_nondeterministic_ops():
+    """With train.deterministic, an op without a deterministic CUDA kernel raises; say which
+    setting made it so and what to do, instead of torch's traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not (torch.are_deterministic_algorithms_enabled() and "deterministic" in str(e)):
+            raise
+        raise TrainingError(
+            f"train.deterministic = true, but this training runs an op that has no deterministic kernel on this device "
+            f"({str(e).splitlines()[0][:300]}). Fix: --set train.deterministic=false (a resume is then exact up to "
+            "float rounding, not bit for bit)"
+        ) from e
 
 
 def fit(task: Task, cfg_dict: dict[str, Any], run_dir: Path, dist: D.DistInfo, **options: Any) -> nn.Module:
