@@ -140,8 +140,7 @@ def predict_images(
     if seg:
         ck = load_final(run.seg)
         scfg = config_from_dict(ck["config"], f"{run.seg.final}")
-        deeplab = DeepLabV2(cfg.model.num_classes, scfg.seg.backbone, output_stride=scfg.seg.output_stride)
-        deeplab.load_state_dict(ck["model"])
+        deeplab = DeepLabV2.from_state_dict(cfg.model.num_classes, scfg.seg.backbone, scfg.seg.output_stride, ck["model"])
         deeplab.to(dev).eval()
     written = []
     for path in images:

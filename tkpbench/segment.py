@@ -35,7 +35,7 @@ from tkpbench.config import Config, config_from_dict, dumps
 from tkpbench.crf import crf_device, dense_crf
 from tkpbench.data.common import save_mask
 from tkpbench.data.transforms import EvalSet, PseudoMaskSet, build_dataset, eval_transform, seg_train_transform
-from tkpbench.deeplab import IMAGENET_MEAN, IMAGENET_STD, DeepLabV2, resize_labels, resize_labels_pil
+from tkpbench.deeplab import IMAGENET_MEAN, IMAGENET_STD, DeepLabV2, init_name, resize_labels, resize_labels_pil
 from tkpbench.device import announce
 from tkpbench.device import resolve as resolve_device
 from tkpbench.engine import Task, fit, fused_optimizer, unwrap
@@ -141,6 +141,14 @@ class SegTask(Task):
         return chain_settings("seg", cfg)
 
 
+def _init_label(weights: str) -> str:
+    """The init DeepLab started from, for the record ("imagenet-torchvision", "coco-deeplab-pytorch", ...)."""
+    try:
+        return init_name(weights)
+    except WeightsError:
+        return f"unknown ({weights} is absent at evaluation)"
+
+
 EXAMPLES = 8  # eval images whose DeepLab prediction is kept (seg/examples/) for the report's Fig. 5
 
 # the ladder's multi-scale + flip rung when seg.eval_scales is a single scale (the paper states no
@@ -235,8 +243,7 @@ def evaluate(
     ck = load_final(run.seg)
     cfg = cfg or config_from_dict(ck["config"])
     base = build_dataset(cfg.data, split)
-    model = DeepLabV2(base.num_classes, cfg.seg.backbone, output_stride=cfg.seg.output_stride)
-    model.load_state_dict(ck["model"])
+    model = DeepLabV2.from_state_dict(base.num_classes, cfg.seg.backbone, cfg.seg.output_stride, ck["model"])
     model = model.to(dist.device).eval()
     ds = Subset(
         EvalSet(base, eval_transform(None, IMAGENET_MEAN, IMAGENET_STD)), D.shard_indices(len(base), dist.rank, dist.world)
@@ -293,7 +300,9 @@ def evaluate(
             per_class_crf=per_class_dict(base.classes, cm_crf.iou()) if cfg.seg.eval_crf else None,
             protocol={
                 "model": f"DeepLab-v2 {cfg.seg.backbone} OS{cfg.seg.output_stride} ASPP(6,12,18,24)",
-                "init": cfg.seg.weights or "random",
+                "init": _init_label(cfg.seg.weights),
+                "init_file": cfg.seg.weights or None,
+                "loss_at": cfg.seg.loss_at,
                 "train_masks": str(pseudo_mask_dir(run_dir, cfg)),
                 "train_split": cfg.data.seg_train_split,
                 "iters": cfg.seg.iters,
