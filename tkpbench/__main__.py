@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("tkpbench.report", "Tables 1-4, published vs measured, with intervals; figures"),
     "data": ("tkpbench.data.__main__", "download, check, prepare VOC/SBD/COCO, generate demo data"),
     "predict": ("tkpbench.predict", "masks and overlays for your own images from a trained run"),
+    "submit": ("tkpbench.submit", "VOC 2012 test predictions packed for the evaluation server; record its figure"),
 }
 
 

@@ -15,6 +15,8 @@ def _decode_one(ds, i: int) -> str | None:
     """None when image ``i`` and its mask decode and agree in size; else what is wrong, naming the file."""
     try:
         img = ds.image(i)
+        if not getattr(ds, "has_masks", True):  # VOC test: images only
+            return None
         if ds.mask_path(i).is_file() or not isinstance(ds, COCOSegmentation):
             mask = ds.mask(i)  # read_mask rejects colour masks and values >= num_classes other than 255
             if mask.shape != img.shape[:2]:
@@ -50,6 +52,8 @@ def check_dataset(dataset: str, root: str | Path, splits: list[str], decode: boo
         try:
             ds = VOCSegmentation(root, split) if dataset == "voc" else COCOSegmentation(root, split)
             extra = f", {ds.num_unannotated} unannotated left out" if getattr(ds, "skip_unannotated", False) else ""
+            if not getattr(ds, "has_masks", True):
+                extra += ", no masks (labels withheld: scored by the evaluation server, tkpbench submit voc-test)"
             problems = decode_all(ds) if decode else []
             if problems:
                 ok = False
@@ -66,6 +70,7 @@ def check_dataset(dataset: str, root: str | Path, splits: list[str], decode: boo
             lines += [
                 "  python -m tkpbench.data download voc --root DATA          # VOC 2012 devkit",
                 "  python -m tkpbench.data download sbd --root DATA          # SBD, for train_aug",
+                "  python -m tkpbench.data download voc-test --root DATA     # VOC 2012 test images (split test)",
                 "  python -m tkpbench.data prepare-aug --root DATA/VOCdevkit/VOC2012 --sbd DATA/benchmark_RELEASE/dataset",
                 "  (or copy the common SegmentationClassAug/ folder and ImageSets/Segmentation/train_aug.txt"
                 " into the VOC2012 folder)",

@@ -2,7 +2,8 @@
 
 Nothing can be fetched on the development machines; the code is exercised in the tests against
 a local HTTP server. Checksums are the published ones (torchvision's for VOC and SBD, the COCO
-archives' MD5s, the sha256 prefixes in the weight file names).
+archives' MD5s, the sha256 prefixes in the weight file names); VOC2012test.tar has none published, so
+it is only checked to be an archive, and ``data check voc --splits test`` decodes every image.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tkpbench.io import file_digest
 class Resource:
     url: str
     filename: str
-    checksum: str  # "md5:<hex>" or "sha256-prefix:<hex>"
+    checksum: str | None  # "md5:<hex>" or "sha256-prefix:<hex>"; None: no published checksum (said where listed)
     extract_to: str | None = ""  # folder under --root to extract into; None = keep the file
 
 
@@ -37,6 +38,11 @@ RESOURCES: dict[str, list[Resource]] = {
             "md5:6cd6e144f989b92b3379bac3b3de84fd",
         )
     ],
+    # VOC 2012 test images (ImageSets/Segmentation/test.txt: 1,456 ids; no labels), extracted into the same
+    # VOCdevkit/VOC2012 as trainval. The official copy (http://host.robots.ox.ac.uk:8080/eval/downloads/
+    # VOC2012test.tar) is behind the evaluation server's login; this is the public mirror codebases fetch.
+    # No checksum is published for it (torchvision's VOC lists its md5 as empty): none is checked.
+    "voc-test": [Resource("http://pjreddie.com/media/files/VOC2012test.tar", "VOC2012test.tar", None)],
     "sbd": [
         Resource(
             "http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz",
@@ -168,6 +174,12 @@ def download(name: str, root: Path, base_url: str | None = None) -> list[Path]:
         # archives go to root/downloads/ and are extracted; plain files (weights) land in root/
         folder = Path(root) / "downloads" if r.extract_to is not None else Path(root)
         archive = fetch(url, folder / r.filename, r.checksum)
+        if r.checksum is None and r.extract_to is not None and not (tarfile.is_tarfile(archive) or zipfile.is_zipfile(archive)):
+            archive.unlink()
+            raise DownloadError(
+                f"{url} sent {archive.name} that is not an archive (a login or error page?); it was deleted. "
+                f"Download it by hand (e.g. from the evaluation server, logged in), put it at {archive} and run again"
+            )
         if r.extract_to is not None:
             marker = Path(root) / "downloads" / f"{r.filename}.extracted"
             if not marker.exists():

@@ -8,6 +8,9 @@ Layout under ``root`` (the VOC2012 folder)::
     ImageSets/Segmentation/<split>.txt
     Annotations/<id>.xml             only for tags = "xml"
 
+The test split (``test.txt``, 1,456 ids, from the separate VOC2012test.tar) has images only: its
+labels are withheld and scored by the evaluation server (``tkpbench submit voc-test``).
+
 train_aug = (SBD train + SBD val + VOC train) - VOC val, 10,582 ids; ``prepare_train_aug``
 computes the list and converts SBD's ``cls/*.mat`` into palette PNGs once (parallel,
 resumable, atomic).
@@ -32,6 +35,9 @@ from tkpbench.io import atomic_write_text
 from tkpbench.progress import track
 
 FIX_DOWNLOAD = "python -m tkpbench.data download voc --root DIR (then point data.root at DIR/VOCdevkit/VOC2012)"
+FIX_TEST_DOWNLOAD = "python -m tkpbench.data download voc-test --root DIR (the DIR of the trainval download)"
+# splits whose masks are withheld: VOC 2012 test is scored by the evaluation server only
+UNLABELLED_SPLITS = ("test",)
 
 
 def read_id_list(path: Path) -> list[str]:
@@ -68,6 +74,10 @@ class VOCSegmentation:
                     f"python -m tkpbench.data prepare-aug --root {self.root} --sbd SBD_DIR/benchmark_RELEASE/dataset"
                 )
             prepare_train_aug(self.root, Path(sbd_root))
+        self.has_masks = split not in UNLABELLED_SPLITS
+        fix = FIX_DOWNLOAD if self.has_masks else FIX_TEST_DOWNLOAD
+        if not self.has_masks and not list_file.is_file():
+            raise DatasetError(f"{list_file} does not exist; VOC 2012's test images come in their own archive. Fix: {fix}")
         self.ids = read_id_list(list_file)
         self.image_dir = self.root / "JPEGImages"
         self.mask_dir = self.root / ("SegmentationClassAug" if split == "train_aug" else "SegmentationClass")
@@ -75,7 +85,7 @@ class VOCSegmentation:
         if missing:
             raise DatasetError(
                 f"{len(missing)} images of split '{split}' listed in {list_file} are missing from {self.image_dir} "
-                f"(first: {missing[0]}.jpg). Fix: {FIX_DOWNLOAD}"
+                f"(first: {missing[0]}.jpg). Fix: {fix}"
             )
         self._tags: np.ndarray | None = None
 
@@ -95,6 +105,11 @@ class VOCSegmentation:
         return read_image(self.image_path(i))
 
     def mask(self, i: int) -> np.ndarray:
+        if not self.has_masks:
+            raise DatasetError(
+                f"split '{self.split}' has no masks: VOC's test labels are withheld and scored by the evaluation "
+                "server (tkpbench submit voc-test --run-dir RUN); score on val here"
+            )
         return read_mask(self.mask_path(i), self.num_classes)
 
     def _tags_of(self, i: int) -> np.ndarray:
