@@ -44,3 +44,17 @@ def test_a_non_editable_install_plans_every_target_from_anywhere(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "voc ['topk_pce', 'vit_pcm']" in r.stdout and "demo ['demo', 'demo_max']" in r.stdout
+
+
+def test_the_stages_import_where_pydensecrf_and_pycocotools_are_missing():
+    """A GPU machine that can install nothing may lack them: the torch CRF and VOC still work there."""
+    code = (
+        "import sys; sys.modules['pycocotools'] = sys.modules['pydensecrf'] = None\n"
+        "import tkpbench.pipeline, tkpbench.refine, tkpbench.segment, tkpbench.train, tkpbench.pseudo, tkpbench.data.coco\n"
+        "import numpy as np; from tkpbench.crf import dense_crf; from tkpbench.config import CRFConfig\n"
+        "img = np.zeros((8, 8, 3), np.uint8); p = np.full((2, 8, 8), 0.5, np.float32)\n"
+        "print(dense_crf(img, p, CRFConfig(backend='torch', device='cpu')).shape)\n"
+        "dense_crf(img, p, CRFConfig())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)
+    assert "(2, 8, 8)" in r.stdout and "ConfigError" in r.stderr and "pip install pydensecrf2" in r.stderr, r.stderr[-2000:]

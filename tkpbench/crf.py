@@ -17,9 +17,7 @@ import sys
 from typing import Any
 
 import numpy as np
-import pydensecrf.densecrf as dcrf
 import torch
-from pydensecrf.utils import unary_from_softmax
 
 from tkpbench.config import CRFConfig
 from tkpbench.device import cuda_usable
@@ -97,6 +95,16 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, cfg: CRFConfig | None = None
         return dense_crf_batch(image[None], probs[None], c)[0]
     if c.backend != "pydensecrf":
         raise ConfigError(f"crf.backend: unknown CRF backend {c.backend!r}; use 'pydensecrf' or 'torch'")
+    # imported here: a machine without pydensecrf still runs the torch backend (make gpu-check)
+    try:
+        import pydensecrf.densecrf as dcrf
+        from pydensecrf.utils import unary_from_softmax
+    except ImportError:
+        raise ConfigError(
+            "crf.backend = 'pydensecrf' but pydensecrf is not installed here. Fix: pip install pydensecrf2, "
+            "or --set crf.backend=torch (the same CRF in PyTorch)"
+        ) from None
+
     n, h, w = probs.shape
     d = dcrf.DenseCRF2D(w, h, n)
     d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32))))

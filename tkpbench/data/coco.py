@@ -28,7 +28,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from pycocotools.coco import COCO
 
 from tkpbench.data.common import IGNORE, DatasetError, read_image, read_mask, save_mask
 from tkpbench.data.tagcache import cache_dir
@@ -43,6 +42,8 @@ def _load_coco(ann_file: Path):
         raise DatasetError(
             f"COCO annotation file {ann_file} does not exist; expected annotations/instances_<split>.json. Fix: {FIX_DOWNLOAD}"
         )
+    from pycocotools.coco import COCO  # here: VOC runs need no pycocotools
+
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return COCO(str(ann_file))

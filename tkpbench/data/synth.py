@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 from scipy.ndimage import gaussian_filter, shift
 
 from tkpbench.data.common import IGNORE, VOC_CLASSES, save_mask
@@ -129,6 +128,8 @@ def make_synthetic(
     Image sizes vary by +-20 % around ``size`` (h, w). Every ``val_every``-th image is val;
     of the rest, the first half is ``train`` and all of them are ``train_aug``.
     """
+    from pycocotools import mask as mask_utils  # here, not at the top: VOC-only machines need no pycocotools
+
     if not 1 <= num_classes <= 20:
         raise ValueError(f"num_classes must be in [1, 20] (VOC's foreground classes), got {num_classes}")
     root = Path(root)
