@@ -20,6 +20,7 @@ import numpy as np
 import timm
 import torch
 
+from tkpbench.distributed import precision_settings
 from tkpbench.io import atomic_write_json
 
 SCHEMA_VERSION = 1
@@ -105,9 +106,8 @@ def machine_info() -> dict[str, Any]:
         "timm": timm.__version__,
         "numpy": np.__version__,
         "os": platform.platform(terse=True),
-        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "processes": int(os.environ.get("WORLD_SIZE", "1")),
+        **precision_settings(),  # TF32 (matmul, cuDNN), float32 matmul precision, determinism
     }
 
 
