@@ -200,20 +200,26 @@ def test_the_tables_print_the_papers_published_figures():
     cited += [("AFA", "CVPR22", "MiT-B1"), ("ViT-PCM", "ECCV22", "ViT-B/16"), ("ToCo", "CVPR23", "ViT-B/16")]
     ours = [("TKP-PCL", "", "ViT-B/16")]
     sapc = [("SAPC-CS", "ICME23", "MiT-B1")]
+    # ‡: the figure's own source reports it as another kind (or value) than the column; † a note
     assert [r[:4] for r in t1[2]] == [
-        [*m, v] for m, v in zip(cited + ours, ["61.7", "61.5", "58.6", "66.0", "71.4", "72.2", "74.6"])
+        [*m, v] for m, v in zip(cited + ours, ["61.7", "61.5 ‡", "58.6 ‡", "66.0 ‡", "71.4", "72.2 ‡", "74.6"])
     ]
     assert [r[:4] for r in t2[2]] == [
-        [*m, v] for m, v in zip(cited + sapc + ours, ["61.7", "61.5", "58.6", "63.8", "69.3 †", "70.5", "67.5", "72.2"])
+        [*m, v] for m, v in zip(cited + sapc + ours, ["61.7", "61.5 ‡", "58.6 ‡", "63.8", "69.3 †", "70.5 ‡", "67.5 ‡", "72.2"])
     ]
     coco = [("MCTformer", "CVPR22", "Resnet38"), ("SIPE", "CVPR22", "Resnet38"), *cited[3:], *sapc, *ours]
-    assert [r[:4] for r in t3[2]] == [[*m, v] for m, v in zip(coco, ["42.0", "43.6", "38.9", "45.0 †", "42.3", "39.9", "45.6"])]
+    assert [r[:4] for r in t3[2]] == [
+        [*m, v] for m, v in zip(coco, ["42.0", "43.6", "38.9 ‡", "45.0 †", "42.3 ‡", "39.9 ‡", "45.6"])
+    ]
     assert [(r[1], r[4]) for r in t4[2]] == [("60.5", "59.6"), ("70.1", "68.6"), ("72.9", "69.8"), ("74.6", "72.2")]
-    assert any("BPM, not DeepLab-v2" in n for n in t3[3])
+    assert any(n.startswith("† ViT-PCM's README lists 45.03") for n in t3[3])
+    assert any(n.startswith("‡ ToCo 72.2: ToCo's README gives 72.2 as its VOC test segmentation") for n in t1[3])
     assert t4[3][-1].endswith("Avg-Pooling -9.6 / -9.0, top-K +2.8 / +1.2, top-K + PCE +4.5 / +3.6")
-    # nobody has checked the cited papers yet: each figure says it is TKP-PCL's citation or its own result
-    sources = {(f.method, f.source) for f in published.load() if f.table < 4}
-    assert {s for m, s in sources if m != "TKP-PCL"} == {"as cited by TKP-PCL"}
+    # TKP-PCL's rows are its own; every other figure is either checked against a named source or says it is not
+    figures = published.load()
+    assert {f.source for f in figures if f.method == "TKP-PCL" or f.table == 4} == {published.OWN}
+    assert all(bool(f.source_url) == (f.source == published.CHECKED) for f in figures)
+    assert {f.source for f in figures if f.method != "TKP-PCL" and f.table < 4} == {published.CITED, published.CHECKED}
 
 
 @pytest.mark.parametrize(
@@ -224,7 +230,13 @@ def test_the_tables_print_the_papers_published_figures():
         ("value = 58.6", "valeu = 58.6", "unknown keys ['valeu']"),
         ("value = 58.6", "value = 586", "value = 586.0 is not an mIoU in %"),
         ('column = "voc train pseudo-mask mIoU (CRF)"', 'column = "voc val DeepLab-v2 mIoU"', "is not a column of Table 1"),
-        ('source = "as cited by TKP-PCL"', 'source = ""', "empty source"),
+        (f'source = "{published.CHECKED}"', 'source = ""', "source = ''; it is one of"),
+        (f'source = "{published.CHECKED}"', f'source = "{published.CITED}"', "source_url goes with source = "),
+        ("source_url = ", "# source_url = ", "['mismatch', 'source_note', 'source_split', 'source_stage', 'source_value'] "),
+        ('source_stage = "CAM seed"', 'source_stage = "seed"', "source_stage = 'seed'; it is one of"),
+        ('source_split = "train"', 'source_split = "trainaug"', "source_split = 'trainaug'; it is one of"),
+        ("source_value = 58.65", 'source_value = "58.65"', "source_value = '58.65' is not a float"),
+        ("source_value = 58.65", "source_value = 586.5", "source_value = 586.5 is not an mIoU in %"),
     ],
 )
 def test_a_malformed_published_figure_is_refused_naming_the_file_and_the_entry(tmp_path, old, new, problem):

@@ -127,9 +127,8 @@ def build_tables(runs: list[dict]) -> list[Table]:
         for f in published.table(figures, number):
             name, var = f.method, METHOD_VARIANT.get(f.method)
             g = pick(var, dataset, stage) if var else None
-            shown = _fmt(f.value) + (" †" if f.note else "")
-            if f.note:
-                notes.append(f"† {f.note}")
+            shown = _fmt(f.value) + f.mark
+            notes += f.footnotes
             if g is None:
                 rows.append(
                     [name, f.venue, f.backbone, shown, "published" if not var else "not run"] + ([""] if crf_cols else []) + [""]
@@ -138,7 +137,7 @@ def build_tables(runs: list[dict]) -> list[Table]:
             used.append(g)
             e = g.estimate(stage)
             ec = g.estimate(stage, crf=True) if crf_cols else None
-            inside = "not comparable" if f.note else _inside(ec if crf_cols else e, f.value)
+            inside = _inside(ec if crf_cols else e, f.value) if f.comparable else "not comparable"
             rows.append([name, f.venue, f.backbone, shown, cell(e)] + ([cell(ec)] if crf_cols else []) + [inside])
             notes += [f"{name}: {_prov(st, g.name)}" for st in g.records(stage)]
             if dataset == "coco":
