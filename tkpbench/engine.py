@@ -60,6 +60,10 @@ class Task(abc.ABC):
     workers = 0
     keep = "last"  # which weights become final.pt: "last", or "best" by evaluate()[best_metric]
     best_metric = "miou"
+    # evaluate() metrics whose best epoch's weights are kept (best.pt for "miou", best_<metric>.pt
+    # otherwise), with the last epoch's as last.pt, beside final.pt: checkpoint selection at no
+    # extra training (runs.SELECTIONS). Ties keep the earlier epoch, as for best_metric.
+    also_keep: tuple[str, ...] = ()
     patience = 0  # stop after this many epochs without a better evaluate()[best_metric]; 0 = never
 
     @abc.abstractmethod
@@ -210,6 +214,7 @@ class Trainer:
         self.state = RunState()
         self.best: float | None = None  # the best evaluate()[best_metric] so far
         self.best_epoch = 0  # the epoch it was reached at
+        self.bests: dict[str, tuple[float, int]] = {}  # best value and its epoch of best_metric and each also_keep
         self.signals = _Signals()
         self.signal_seen: int | None = None  # set by train_step when any rank received SIGTERM/SIGINT
         self.prog = None
@@ -327,6 +332,9 @@ class Trainer:
             self.state = RunState(ck["epoch"], ck["batch_in_epoch"], ck["step"])
             self.best = ck.get("best_metric")
             self.best_epoch = int(ck.get("best_epoch", 0))
+            self.bests = {m: (float(v), int(e)) for m, (v, e) in (ck.get("bests") or {}).items()}
+            if self.best is not None and self.task.best_metric not in self.bests:  # a checkpoint of an earlier version
+                self.bests[self.task.best_metric] = (self.best, self.best_epoch)
             if ck.get("world") == self.dist.world:
                 D.set_rng_state(ck["rng"][self.dist.rank])
             else:
@@ -441,23 +449,49 @@ class Trainer:
         self.checkpoint()
 
     def _keep_if_best(self, metrics: dict[str, float]) -> None:
-        """Track the best evaluation (ties keep the earlier); with train.keep = "best" its weights go to best.pt."""
-        value = metrics.get(self.task.best_metric)
-        if value is None or (self.best is not None and value <= self.best):
-            return
-        self.best, self.best_epoch = value, self.state.epoch
-        if self.main and self.task.keep == "best":
-            atomic_torch_save(
-                self.run.best,
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "model": unwrap(self.model).state_dict(),
-                    "epoch": self.state.epoch,
-                    "step": self.state.step,
-                    self.task.best_metric: value,
-                    "task": self.task.name,
-                },
-            )
+        """Track the best evaluation of best_metric and of each also_keep metric (ties keep the
+        earlier epoch). A kept metric's best weights go to its file (``RunDir.weights("best_<metric>")``):
+        every also_keep metric's, and best_metric's with train.keep = "best"."""
+        primary, epoch = self.task.best_metric, self.state.epoch
+        for metric in dict.fromkeys([primary, *self.task.also_keep]):
+            value, old = metrics.get(metric), self.bests.get(metric)
+            if value is None or (old is not None and value <= old[0]):
+                continue
+            self.bests[metric] = (value, epoch)
+            if self.main and (metric in self.task.also_keep or (metric == primary and self.task.keep == "best")):
+                self._save_weights(
+                    self.run.weights(f"best_{metric}"),
+                    unwrap(self.model).state_dict(),
+                    f"best {metric} {value:.4f} at epoch {epoch}",
+                    f"best_{metric}",
+                    epoch,
+                    self.state.step,
+                    **{metric: value},
+                )
+        if primary in self.bests:
+            self.best, self.best_epoch = self.bests[primary]
+
+    def _save_weights(self, path: Path, weights: dict, kept: str, selection: str, epoch: int, step: int, **extra: Any) -> None:
+        """One weights file (final.pt, last.pt, best.pt, best_f1.pt), all in final.pt's format: the
+        weights, the config, which selection they are and the epoch and step they were taken at
+        (``weights_step``: two files with the same one hold the same weights), and the precision
+        settings the run trained with (``D.precision_settings``) for its records."""
+        atomic_torch_save(
+            path,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "model": weights,
+                "config": self.cfg_dict,
+                "step": self.state.step,  # of final.pt: the run's last step, whichever weights it holds
+                "task": self.task.name,
+                "kept": kept,
+                "selection": selection,
+                "epoch": epoch,
+                "weights_step": step,
+                "precision": D.precision_settings(),  # TF32 and determinism as this run trained
+                **extra,
+            },
+        )
 
     def interrupted(self) -> None:
         """The stop rule's SIGNAL: checkpoint where the loop is, then end with 128 + the signal."""
@@ -484,6 +518,7 @@ class Trainer:
                 "log_bytes": self.runlog.size(),
                 "best_metric": self.best,
                 "best_epoch": self.best_epoch,
+                "bests": {m: [v, e] for m, (v, e) in self.bests.items()},
                 "stopped_early": self.stop.stopped_early,
             },
             st.step,
@@ -491,27 +526,22 @@ class Trainer:
         )
 
     def save_final(self) -> None:
-        """final.pt: the last weights, or with train.keep = "best" those of the best evaluation, and
-        the precision settings the run trained with (``D.precision_settings``) for its records."""
+        """final.pt: the last weights, or with train.keep = "best" those of the best evaluation
+        (``"step"`` is the run's last step either way); with also_keep, last.pt too."""
         if self.main:
-            weights, kept = unwrap(self.model).state_dict(), f"last (step {self.state.step})"
-            if self.task.keep == "best" and self.run.best.is_file():
-                best = load_checkpoint(self.run.best)
-                weights = best["model"]
-                kept = f"best {self.task.best_metric} {best[self.task.best_metric]:.4f} at epoch {best['epoch']}"
+            st, metric = self.state, self.task.best_metric
+            last = unwrap(self.model).state_dict()
+            if self.task.also_keep:
+                self._save_weights(self.run.weights("last"), last, f"last (step {st.step})", "last", st.epoch, st.step)
+            chosen = (last, f"last (step {st.step})", "last", st.epoch, st.step)
+            best_file = self.run.weights(f"best_{metric}")
+            if self.task.keep == "best" and best_file.is_file():
+                best = load_checkpoint(best_file)
+                kept = f"best {metric} {best[metric]:.4f} at epoch {best['epoch']}"
+                chosen = (best["model"], kept, f"best_{metric}", best["epoch"], best.get("weights_step", best["step"]))
                 self.say(f"final.pt: the weights of epoch {best['epoch']} ({kept})")
-            atomic_torch_save(
-                self.run.final,
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "model": weights,
-                    "config": self.cfg_dict,
-                    "step": self.state.step,
-                    "task": self.task.name,
-                    "kept": kept,
-                    "precision": D.precision_settings(),  # TF32 and determinism as this run trained
-                },
-            )
+            weights, kept, selection, epoch, step = chosen
+            self._save_weights(self.run.final, weights, kept, selection, epoch, step)
         D.barrier()
 
 

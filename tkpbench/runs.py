@@ -2,13 +2,15 @@
 
     runs/<name>/
       config.toml            the resolved training config (written once the run is known not to clash)
-      final.pt               the trained TKP-PCL weights + config (a tkpbench checkpoint)
+      final.pt               the trained TKP-PCL weights + config (a tkpbench checkpoint): train.keep's choice
+      last.pt, best.pt, best_f1.pt   the other checkpoint selections (``SELECTIONS``), same format
       checkpoints/step_*.pt  resumable training state (model, optimiser, RNG, position, log offset)
       log.jsonl              one JSON object per logged step / evaluation
       .lock                  held (flock) by the training that owns the folder; names its pid and host
       pseudo/STAMP.json      the final.pt digest and settings the pseudo outputs were made from
       pseudo/masks/<id>.png  pseudo masks before the CRF;   pseudo/probs/<id>.npz merged probabilities
       pseudo/crf/<id>.png    after the CRF;                  pseudo/DONE_<stage>_<split>.json markers
+      pseudo/<selection>/    the same pseudo files for a selection other than final (``RunDir(root, sel)``)
       seg/                   DeepLab: a run folder of its own (config.toml, final.pt, checkpoints/, log.jsonl)
       seg/examples/<id>.png  DeepLab's prediction on the first few eval images (Fig. 5)
 
@@ -41,15 +43,34 @@ from tkpbench.io import atomic_write_bytes, atomic_write_json, file_digest
 
 CHECKPOINT_FORMAT = "tkpbench-checkpoint-v2"
 
+# Which epoch's weights a pseudo-mask chain starts from. "final": train.keep's choice (final.pt,
+# what DeepLab trains on); "last": the last epoch; "best_miou": the best val patch mIoU (chosen
+# with val pixel labels, which weak supervision forbids); "best_f1": the best val image-tag F1
+# (chosen with image-level tags only, the labels WSSS allows).
+SELECTIONS = ("final", "last", "best_miou", "best_f1")
+PIXEL_LABEL_SELECTIONS = ("best_miou",)  # the selections made with val pixel labels
+_WEIGHTS = {"final": "final.pt", "last": "last.pt", "best_miou": "best.pt"}
+
 
 class RunDir:
-    """Paths of one run folder (see the module docstring). ``RunDir(root).seg`` is DeepLab's folder."""
+    """Paths of one run folder (see the module docstring). ``RunDir(root).seg`` is DeepLab's folder.
+    ``RunDir(root, selection)`` reads the weights of that checkpoint selection (``weights()``) and
+    keeps its pseudo masks, probabilities, CRF masks and markers under ``pseudo/<selection>/``;
+    ``"final"`` keeps the plain paths."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | Path, selection: str = "final") -> None:
+        if selection not in SELECTIONS:
+            raise CheckpointError(f"unknown checkpoint selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
+        self.root, self.selection = Path(root), selection
 
     def __repr__(self) -> str:
-        return f"RunDir({str(self.root)!r})"
+        return f"RunDir({str(self.root)!r}" + (f", {self.selection!r})" if self.selection != "final" else ")")
+
+    def weights(self, selection: str | None = None) -> Path:
+        """The weights file of ``selection`` (default: this RunDir's): final.pt, last.pt, best.pt,
+        or ``best_<metric>.pt`` for the best of another evaluation metric."""
+        sel = selection or self.selection
+        return self.root / _WEIGHTS.get(sel, f"{sel}.pt")
 
     @property
     def name(self) -> str:
@@ -61,10 +82,10 @@ class RunDir:
     checkpoints = property(lambda self: self.root / "checkpoints")
     log = property(lambda self: self.root / "log.jsonl")
     lock = property(lambda self: self.root / ".lock")
-    pseudo = property(lambda self: self.root / "pseudo")
-    masks = property(lambda self: self.root / "pseudo" / "masks")
-    probs = property(lambda self: self.root / "pseudo" / "probs")
-    crf = property(lambda self: self.root / "pseudo" / "crf")
+    pseudo = property(lambda self: self.root / "pseudo" / ("" if self.selection == "final" else self.selection))
+    masks = property(lambda self: self.pseudo / "masks")
+    probs = property(lambda self: self.pseudo / "probs")
+    crf = property(lambda self: self.pseudo / "crf")
     seg = property(lambda self: RunDir(self.root / "seg"))
     examples = property(lambda self: self.root / "examples")  # of a seg folder: predictions for Fig. 5
 
@@ -145,16 +166,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_final(run: str | Path | RunDir) -> dict[str, Any]:
-    """``final.pt`` of a run folder (TKP-PCL's, or ``RunDir(run).seg`` for DeepLab's)."""
+    """The weights of a run folder's selection: ``final.pt`` (TKP-PCL's, or ``RunDir(run).seg`` for
+    DeepLab's), or with ``RunDir(run, selection)`` last.pt, best.pt or best_f1.pt."""
     run = run if isinstance(run, RunDir) else RunDir(run)
-    if not run.final.is_file():
+    path = run.weights()
+    if not path.is_file():
+        if run.selection != "final" and run.final.is_file():
+            raise CheckpointError(
+                f"{path} does not exist: this run kept no {run.selection!r} weights (best_f1 and best_miou need "
+                "train.eval_every > 0; runs trained before checkpoint selection keep only final.pt). Fix: use "
+                "--selection final, or train the run again"
+            )
         how = (
             ("python -m tkpbench.segment train --run " + str(run.root.parent))
             if run.root.name == "seg"
             else "python -m tkpbench.train --config ..."
         )
-        raise CheckpointError(f"{run.final} does not exist; train it first ({how})")
-    return load_checkpoint(run.final)
+        raise CheckpointError(f"{path} does not exist; train it first ({how})")
+    return load_checkpoint(path)
 
 
 def model_digest(weights: Path) -> str:
@@ -281,22 +310,23 @@ def read_marker(path: Path) -> dict[str, Any] | None:
 
 def mark_done(run: RunDir, stage: str, cfg: Config, split: str | None = None) -> None:
     """``stage``'s DONE marker, written by the stage itself (rank 0) once its outputs are complete,
-    whether the pipeline or a person started it: final.pt's digest and the chain's settings."""
-    write_marker(run.marker(stage, split), model_digest(run.final), chain_settings(stage, cfg), split=split)
+    whether the pipeline or a person started it: the digest of the selection's weights (final.pt)
+    and the chain's settings."""
+    write_marker(run.marker(stage, split), model_digest(run.weights()), chain_settings(stage, cfg), split=split)
 
 
 def marker_mismatch(run: RunDir, stage: str, cfg: Config, split: str | None = None) -> list[str] | None:
-    """None when ``stage``'s marker names this final.pt and these settings (the stage is done);
-    otherwise why not: an empty list when there is no marker, else the differences."""
+    """None when ``stage``'s marker names the selection's weights (final.pt) and these settings (the
+    stage is done); otherwise why not: an empty list when there is no marker, else the differences."""
     have = read_marker(run.marker(stage, split))
     if have is None:
         return []
-    model, settings = model_digest(run.final), chain_settings(stage, cfg)
+    model, settings = model_digest(run.weights()), chain_settings(stage, cfg)
     if have.get("model_sha256") == model and have.get("settings") == settings:
         return None
-    return ([f"final.pt: {have.get('model_sha256')} -> {model}"] if have.get("model_sha256") != model else []) + settings_diff(
-        have.get("settings") or {}, settings
-    )
+    return (
+        [f"{run.weights().name}: {have.get('model_sha256')} -> {model}"] if have.get("model_sha256") != model else []
+    ) + settings_diff(have.get("settings") or {}, settings)
 
 
 def claim_outputs(folder: Path, model: str, settings: dict[str, Any], subdirs: tuple[str, ...]) -> list[str]:

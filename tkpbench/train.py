@@ -38,6 +38,10 @@ from tkpbench.runs import training_view
 
 class TKPTask(Task):
     name = "tkp-pcl"
+    # checkpoint selection (runs.SELECTIONS): besides final.pt (train.keep's choice) every run keeps
+    # last.pt, best.pt (best val patch mIoU: needs val pixel labels) and best_f1.pt (best val
+    # image-tag F1: image-level tags only, the label-free choice)
+    also_keep = ("miou", "f1")
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
