@@ -50,6 +50,7 @@ def keras_side(npz: Path, reps: int, threads: int, input_grad: bool) -> dict:
     import tensorflow as tf
     from tensorflow.keras.layers import LSTM, Bidirectional, TimeDistributed
 
+    keras_pkg = LSTM.__module__.split(".")[0]
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     d = np.load(npz)
@@ -97,14 +98,15 @@ def keras_side(npz: Path, reps: int, threads: int, input_grad: bool) -> dict:
         "max_rel_diff_grads": grad_diff,
         "keras_s": timed(step, reps),
         "tensorflow": tf.__version__,
-        "keras": tf.keras.__version__,
+        "keras": f"{keras_pkg} {sys.modules[keras_pkg].__version__}",  # tf_keras (Keras 2) or keras (Keras 3)
     }
 
 
 def summarize(jsonl: Path, commit: str) -> int:
-    """Rounds of this script at one commit, grouped by threads and input gradient: per round the
-    ratio of the fastest repetitions (tkpbench / Keras), then the median over rounds and a 95%
-    Student t interval of the mean log-ratio (rounds are paired in time: ours, then Keras's)."""
+    """Rounds of this script at the given commits (``commit``: prefixes, comma-separated), grouped by
+    TensorFlow and Keras version, threads and input gradient: per round the ratio of the fastest
+    repetitions (tkpbench / Keras), then the median over rounds and a 95% Student t interval of the
+    mean log-ratio (rounds are paired in time: ours, then Keras's)."""
     import math
 
     from scipy import stats
@@ -114,7 +116,8 @@ def summarize(jsonl: Path, commit: str) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: cannot read {jsonl} as JSON lines of this script's records ({exc})", file=sys.stderr)
         return 2
-    rows = [r for r in rows if r.get("commit", "").startswith(commit) and "keras_s_min" in r]
+    commits = tuple(commit.split(","))
+    rows = [r for r in rows if r.get("commit", "").startswith(commits) and "keras_s_min" in r]
     if not rows:
         print(
             f"error: {jsonl} has no rounds of commit {commit!r} with Keras timings (run with --tf-python first)", file=sys.stderr
@@ -122,8 +125,8 @@ def summarize(jsonl: Path, commit: str) -> int:
         return 2
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["threads"], "input" in r["what"]), []).append(r)
-    for (threads, dx), rs in sorted(groups.items()):
+        groups.setdefault((r["tensorflow"], r.get("keras", ""), r["threads"], "input" in r["what"]), []).append(r)
+    for (tf_version, keras, threads, dx), rs in sorted(groups.items()):
         logs = [math.log(r["tkpbench_s_min"] / r["keras_s_min"]) for r in rs]
         mean = statistics.fmean(logs)
         lo, hi = (
@@ -132,7 +135,7 @@ def summarize(jsonl: Path, commit: str) -> int:
             else (math.nan,) * 2
         )
         print(
-            f"threads {threads}, input gradient {'yes' if dx else 'no '}: {len(rs)} rounds; "
+            f"TensorFlow {tf_version} {keras}, threads {threads}, input gradient {'yes' if dx else 'no '}: {len(rs)} rounds; "
             f"tkpbench {statistics.median(r['tkpbench_s_min'] for r in rs):.3f} s, "
             f"Keras {statistics.median(r['keras_s_min'] for r in rs):.3f} s (fastest repetition, median over rounds); "
             f"tkpbench / Keras {math.exp(mean):.3f} [{lo:.3f}, {hi:.3f}]"
@@ -153,7 +156,12 @@ def main() -> int:
     )
     p.add_argument("--tf-python", default="", help="an interpreter with tensorflow-cpu (runs the Keras side)")
     p.add_argument("--keras-side", type=Path, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--summarize", nargs=2, metavar=("JSONL", "COMMIT"), help="summarise recorded rounds of one commit")
+    p.add_argument(
+        "--summarize",
+        nargs=2,
+        metavar=("JSONL", "COMMITS"),
+        help="summarise recorded rounds of these commits (prefixes, comma-separated)",
+    )
     args = p.parse_args()
     if args.summarize:
         return summarize(Path(args.summarize[0]), args.summarize[1])
