@@ -212,8 +212,9 @@ class TrainConfig:
     # bf16 autocast on CUDA (training, pseudo-mask inference, DeepLab); always fp32 on CPU
     amp: bool = key(True, TRAIN + PSEUDO + SEG + SEG_EVAL)
     # deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic,
-    # CUBLAS_WORKSPACE_CONFIG): bit-for-bit resume on CUDA; it changes which kernels run, not what
-    # they compute (README, "Resume and determinism")
+    # CUBLAS_WORKSPACE_CONFIG): bit-for-bit resume on CUDA. Other kernels than the default ones:
+    # equal to float rounding, not bit for bit, so declared RUNTIME (a resume may switch it on);
+    # README, "Resume and determinism"
     deterministic: bool = key(False, RUNTIME)
     ckpt_every: int = key(500, RUNTIME, AT_LEAST_1)  # steps; plus one at each epoch's end
     keep_checkpoints: int = key(2, RUNTIME, AT_LEAST_1)

@@ -36,7 +36,7 @@ class CheckpointError(UserError, RuntimeError):
 
 
 class RunLockedError(UserError, RuntimeError):
-    """Another process is training in this run folder."""
+    """Another process is training in this run folder, or its file system cannot lock it."""
 
 
 class TrainingError(UserError, RuntimeError):

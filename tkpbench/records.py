@@ -116,6 +116,8 @@ def machine_key(m: dict[str, Any]) -> str:
     if not m:
         return "unknown machine (record written before machine provenance)"
     where = f"{m.get('gpus')}x {m.get('gpu')}" if m.get("gpus") else f"{m.get('cpu')} ({m.get('cores')} cores)"
+    if m.get("gpus") and (m.get("tf32_matmul") or m.get("tf32_cudnn")):
+        where += ", TF32"  # cuDNN allows TF32 in convolutions by default: other numbers than fp32
     return f"{where}; torch {m.get('torch')}, timm {m.get('timm')}, numpy {m.get('numpy')}, Python {m.get('python')}"
 
 
