@@ -110,3 +110,53 @@ def test_selection_paths_keep_final_as_it_was(tmp_path):
     assert RunDir(tmp_path, "best_miou").weights() == tmp_path / "best.pt"
     with pytest.raises(CheckpointError, match="unknown checkpoint selection 'best'"):
         RunDir(tmp_path, "best")
+
+
+@pytest.mark.slow
+def test_the_chain_scores_each_distinct_selection_once_and_a_rerun_skips_them(synth_root, tmp_path, monkeypatch):
+    """Scripted val metrics make best_f1 epoch 1, best_miou epoch 2 and last epoch 3 (train.keep =
+    best: final.pt is best_miou). The chain scores final.pt as "mask" (selection best_miou) and
+    last and best_f1 as their own records; best.pt is final.pt's weights and is not scored again."""
+    from tkpbench.config import dumps, save_config
+    from tkpbench.pipeline import run_chain
+    from tkpbench.records import load_summary
+    from tkpbench.runs import model_digest
+
+    scripted = {1: (0.2, 0.9), 2: (0.9, 0.3), 3: (0.5, 0.7)}
+
+    class Scripted(TKPTask):
+        def evaluate(self, model, dist):
+            self.seen = getattr(self, "seen", 0) + 1
+            miou, f1 = scripted[self.seen]
+            return {"miou": miou, "f1": f1}
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(synth_root / "VOC2012", train__eval_every="1", train__keep="best", data__mask_split="train")
+    save_config(cfg, tmp_path / "tiny.toml")
+    fit(Scripted(cfg), cfg.to_dict(), tmp_path / "runs" / "tiny", CPU, progress=False, config_text=dumps(cfg))
+    logs: list[str] = []
+    run_chain(tmp_path / "tiny.toml", [], tmp_path / "runs", tmp_path / "results", 1, seg=False, log=logs.append)
+    stages = load_summary(tmp_path / "results" / "tiny" / "summary.json")["stages"]
+    assert set(stages) == {"mask", "mask@last", "mask@best_f1"}, logs
+    run = RunDir(tmp_path / "runs" / "tiny")
+    assert stages["mask"]["protocol"]["selection"] == "best_miou" and stages["mask"]["protocol"]["selections"] == ["best_miou"]
+    assert stages["mask"]["protocol"]["epoch"] == 2
+    for sel, epoch in (("last", 3), ("best_f1", 1)):
+        rec = stages[f"mask@{sel}"]
+        assert rec["protocol"]["selection"] == sel and rec["protocol"]["epoch"] == epoch
+        assert rec["model_sha256"] == model_digest(run.weights(sel)) != stages["mask"]["model_sha256"]
+        assert (tmp_path / "results" / "tiny" / rec["counts_file"]).is_file()
+        assert len(list(RunDir(run.root, sel).crf.glob("*.png"))) == stages["mask"]["num_images"]
+    assert not (run.pseudo / "best_miou").exists()
+    logs.clear()
+    run_chain(tmp_path / "tiny.toml", [], tmp_path / "runs", tmp_path / "results", 1, seg=False, log=logs.append)
+    assert not any(line.startswith("$ ") for line in logs), logs
+    # a selection's own pseudo masks made from other weights are made again, with its CRF, and only they
+    # (its record names the weights and settings it measured, which did not change: it is kept)
+    marker = RunDir(run.root, "best_f1").marker("pseudo", "train")
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "model_sha256": "0" * 16}))
+    logs.clear()
+    run_chain(tmp_path / "tiny.toml", [], tmp_path / "runs", tmp_path / "results", 1, seg=False, log=logs.append)
+    ran = [line for line in logs if line.startswith("$ ")]
+    assert len(ran) == 2 and all("--selection best_f1" in c for c in ran), ran
+    assert "tkpbench.pseudo" in ran[0] and "tkpbench.refine" in ran[1]

@@ -23,7 +23,17 @@ from tkpbench.data.common import DatasetError, read_mask
 from tkpbench.data.transforms import build_dataset
 from tkpbench.metrics import ConfusionMatrix
 from tkpbench.records import StageRecord, per_class_dict, stamp, write_stage
-from tkpbench.runs import RunDir, chain_settings, model_digest, run_config
+from tkpbench.runs import (
+    SELECTION_HELP,
+    SELECTIONS,
+    RunDir,
+    chain_settings,
+    mask_stage,
+    model_digest,
+    run_config,
+    weights_groups,
+    weights_info,
+)
 from tkpbench.stats import save_counts
 
 
@@ -99,18 +109,35 @@ def print_table(classes, columns: dict[str, np.ndarray], title: str) -> None:
     Console().print(t)
 
 
-def score_pseudo_masks(run_dir: Path, cfg, results: Path = Path("results")) -> dict:
+def selection_protocol(run: RunDir) -> dict:
+    """How the scored weights were chosen: ``selection`` (final.pt names train.keep's choice, e.g.
+    "best_miou": chosen with val pixel labels), every selection holding the same weights
+    (``selections``), and their epoch and step."""
+    info = weights_info(run.weights())
+    same = next((g for g in weights_groups(run).values() if run.selection in g), [run.selection])
+    selections = list(dict.fromkeys([info["selection"], *(s for s in same if s != "final")]))
+    return {
+        "selection": info["selection"],
+        "selections": selections,
+        "epoch": info["epoch"],
+        "weights_step": info["weights_step"],
+    }
+
+
+def score_pseudo_masks(run_dir: Path, cfg, results: Path = Path("results"), selection: str = "final") -> dict:
     """Table 1 / Table 4 mask column: mIoU of ``<run>/pseudo/masks`` (before CRF) and
-    ``<run>/pseudo/crf`` (after CRF) on ``data.mask_split``; writes the "mask" record."""
+    ``<run>/pseudo/crf`` (after CRF) on ``data.mask_split``; writes the "mask" record. For another
+    checkpoint selection, of ``<run>/pseudo/<selection>/``: the "mask@<selection>" record."""
     t0 = time.perf_counter()
     ds = build_dataset(cfg.data, cfg.data.mask_split)
-    run = RunDir(run_dir)
+    run = RunDir(run_dir, selection)
+    stage = mask_stage(selection)
     before, after = evaluate_folder(run.masks, ds), evaluate_folder(run.crf, ds)
     cm, cm_crf = before.cm, after.cm
-    counts = Path(results) / run.name / "counts_mask.npz"
+    counts = Path(results) / run.name / f"counts_{stage}.npz"
     save_counts(counts, ds.ids, **before.arrays(), **after.arrays("_crf"))
     rec = StageRecord(
-        stage="mask",
+        stage=stage,
         dataset=cfg.data.dataset,
         split=cfg.data.mask_split,
         miou=round(100 * cm.miou(), 3),
@@ -134,9 +161,10 @@ def score_pseudo_masks(run_dir: Path, cfg, results: Path = Path("results")) -> d
             "pce": cfg.model.pce,
             "eps": cfg.model.eps,
             "alpha": cfg.model.alpha,
+            **selection_protocol(run),
         },
         synthetic=cfg.synthetic,
-        model_sha256=model_digest(run.final),
+        model_sha256=model_digest(run.weights()),
         settings=chain_settings("mask", cfg),
         counts_file=counts.name,
     )
@@ -159,11 +187,13 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--pred", type=Path, default=None, help="or: a folder of <id>.png predictions to score")
     p.add_argument("--split", default=None)
     p.add_argument("--dataset", default="voc", choices=["voc", "coco"])
+    p.add_argument("--selection", choices=SELECTIONS, default="final", help="with --run-dir: " + SELECTION_HELP)
     p.add_argument("--root", default=None)
     args = p.parse_args(argv)
     if args.run is not None:
-        r = score_pseudo_masks(args.run, run_config(args.run, args.config, args.overrides), args.results)
-        print(f"pseudo masks of {args.run}: mIoU {100 * r['miou']:.2f} (before CRF), {100 * r['miou_crf']:.2f} (after CRF)")
+        r = score_pseudo_masks(args.run, run_config(args.run, args.config, args.overrides), args.results, args.selection)
+        scores = f"mIoU {100 * r['miou']:.2f} (before CRF), {100 * r['miou_crf']:.2f} (after CRF)"
+        print(f"pseudo masks of {args.run} ({args.selection}): {scores}")
         return 0
     if args.pred is None or args.split is None or args.root is None:
         p.error("give --run-dir RUN, or --pred DIR --split SPLIT --root DATA_ROOT")

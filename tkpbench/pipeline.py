@@ -55,12 +55,15 @@ from tkpbench.io import atomic_write_json
 from tkpbench.plan import StagePlan, chain_plan, format_plan
 from tkpbench.records import load_summary
 from tkpbench.runs import (
+    SELECTIONS,
     ResultsDir,
     RunDir,
     chain_settings,
     marker_mismatch,
+    mask_stage,
     model_digest,
     training_view,
+    weights_groups,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,6 +298,7 @@ def steps(chain: Chain, results: ResultsDir, common: list[str], log) -> list[Ste
             lambda: has_stage(results, name, "mask", model_digest(run.final), chain_settings("mask", cfg)),
         )
     )
+    out += selection_steps(chain, results, common, log)
     if chain.seg:
         out.append(
             Step(
@@ -312,6 +316,47 @@ def steps(chain: Chain, results: ResultsDir, common: list[str], log) -> list[Ste
                 "tkpbench.segment",
                 ["eval", *rd, "--results", str(results.root), *conf, *common],
                 lambda: has_stage(results, name, "seg", model_digest(run.seg.final), chain_settings("seg_eval", cfg)),
+            )
+        )
+    return out
+
+
+def selection_steps(chain: Chain, results: ResultsDir, common: list[str], log) -> list[Step]:
+    """Table 1's pseudo masks, CRF and mask mIoU of every other checkpoint selection (last.pt,
+    best.pt, best_f1.pt) on data.mask_split, each in its own ``pseudo/<selection>/`` and record
+    ``mask@<selection>``. A selection whose file is absent (no evaluations: no best files), or
+    holds the weights of final.pt or of an earlier selection (``runs.weights_groups``), is skipped:
+    the record of those weights names it (``protocol.selections``)."""
+    cfg, name, split = chain.cfg, chain.cfg.name, chain.cfg.data.mask_split
+    out = []
+    for sel in SELECTIONS[1:]:
+        run = RunDir(chain.run.root, sel)
+        args = [*common, "--run-dir", str(run.root), "--selection", sel, *chain.conf]
+
+        def scored(sel: str = sel) -> bool:  # its file exists and holds weights of its own
+            return sel in weights_groups(RunDir(chain.run.root))
+
+        for stage, what, module in (("pseudo", "pseudo masks", "tkpbench.pseudo"), ("crf", "CRF", "tkpbench.refine")):
+            done = functools.partial(marked, run, stage, cfg, split, log)
+            out.append(
+                Step(
+                    stage,
+                    f"{what} {split} ({sel})",
+                    module,
+                    ["--split", split, *args],
+                    lambda scored=scored, done=done: not scored() or done(),
+                )
+            )
+        record = functools.partial(has_stage, results, name, mask_stage(sel))
+        out.append(
+            Step(
+                "mask",
+                f"mask mIoU ({sel})",
+                "tkpbench.evaluate",
+                ["--results", str(results.root), *args],
+                lambda scored=scored, run=run, record=record: (
+                    not scored() or record(model_digest(run.weights()), chain_settings("mask", cfg))
+                ),
             )
         )
     return out

@@ -37,6 +37,8 @@ from tkpbench.device import resolve as resolve_device
 from tkpbench.model import TKPPCL, merged_grid, upsample_probs
 from tkpbench.progress import track
 from tkpbench.runs import (
+    SELECTION_HELP,
+    SELECTIONS,
     RunDir,
     claim_outputs,
     load_final,
@@ -79,24 +81,26 @@ class _InferSet(Dataset):
         return x, torch.from_numpy(np.asarray(self.base.tags(i))), i, torch.tensor([h, w])
 
 
-def load_run(run_dir: Path) -> tuple[Config, TKPPCL]:
-    """The trained model of a run folder (eval mode, on the CPU) and the config it was trained with."""
-    model, cfg = TKPPCL.from_checkpoint(load_final(run_dir))
+def load_run(run: Path | RunDir) -> tuple[Config, TKPPCL]:
+    """The trained model of a run folder's selection (``RunDir(root, selection)``; a path: final.pt),
+    in eval mode on the CPU, and the config it was trained with."""
+    model, cfg = TKPPCL.from_checkpoint(load_final(run))
     return cfg, model
 
 
 @torch.no_grad()
-def generate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = None, progress: bool = True) -> int:
-    """Write pseudo masks (and probabilities) of ``split`` for this rank's shard. Returns images done."""
-    run_cfg, model = load_run(run_dir)
+def generate(run_dir: Path | RunDir, split: str, dist: D.DistInfo, cfg: Config | None = None, progress: bool = True) -> int:
+    """Write pseudo masks (and probabilities) of ``split`` for this rank's shard, from the weights of
+    ``run_dir``'s selection (a path: final.pt) into its pseudo folder. Returns images done."""
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    run_cfg, model = load_run(run)
     cfg = cfg or run_cfg
     model = model.to(dist.device)
     base = build_dataset(cfg.data, split)
-    run = RunDir(run_dir)
     if dist.is_main:  # outputs of another final.pt or other settings (a resumed stage) are removed, never mixed
         for stage in ("pseudo", "crf"):  # this split is not done (nor its CRF) until this stage marks it again
             run.marker(stage, split).unlink(missing_ok=True)
-        stale = claim_outputs(run.pseudo, model_digest(run.final), stage_settings("pseudo", cfg), ("masks", "probs"))
+        stale = claim_outputs(run.pseudo, model_digest(run.weights()), stage_settings("pseudo", cfg), ("masks", "probs"))
         if stale:
             print(f"pseudo masks in {run.pseudo} were made from another model or settings ({'; '.join(stale)}): made again")
     D.barrier()
@@ -145,6 +149,7 @@ def generate(run_dir: Path, split: str, dist: D.DistInfo, cfg: Config | None = N
 def _main(argv: list[str] | None = None) -> int:
     p = cli.parser("tkpbench pseudo", __doc__, cli.config_options(), cli.run_dir_option())
     p.add_argument("--split", default=None, help="default: data.seg_train_split of the run's config")
+    p.add_argument("--selection", choices=SELECTIONS, default="final", help=SELECTION_HELP)
     args = p.parse_args(argv)
     cfg = run_config(args.run, args.config, args.overrides)
     dist = D.setup(resolve_device(args.device, cfg.synthetic))
@@ -152,11 +157,12 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         split = args.split or cfg.data.seg_train_split
         t = time.perf_counter()
-        n = generate(args.run, split, dist, cfg, progress=not args.no_progress)
+        run = RunDir(args.run, args.selection)
+        n = generate(run, split, dist, cfg, progress=not args.no_progress)
         D.barrier()
         if dist.is_main:
-            mark_done(RunDir(args.run), "pseudo", cfg, split)
-            print(f"pseudo masks: {n} new images on rank 0 in {time.perf_counter() - t:.1f} s -> {args.run}/pseudo")
+            mark_done(run, "pseudo", cfg, split)
+            print(f"pseudo masks: {n} new images on rank 0 in {time.perf_counter() - t:.1f} s -> {run.pseudo}")
     finally:
         D.cleanup()
     return 0

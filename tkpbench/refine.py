@@ -38,7 +38,18 @@ from tkpbench.data.transforms import build_dataset
 from tkpbench.device import cpus_per_process, describe
 from tkpbench.errors import UserError
 from tkpbench.progress import track
-from tkpbench.runs import RunDir, chain_settings, claim_outputs, load_probs, mark_done, model_digest, png_ok, run_config
+from tkpbench.runs import (
+    SELECTION_HELP,
+    SELECTIONS,
+    RunDir,
+    chain_settings,
+    claim_outputs,
+    load_probs,
+    mark_done,
+    model_digest,
+    png_ok,
+    run_config,
+)
 
 
 class CRFError(UserError):
@@ -139,7 +150,7 @@ def _as_is(sample):
 
 
 def refine_folder(
-    run_dir: Path,
+    run_dir: Path | RunDir,
     split: str,
     cfg: CRFConfig,
     data_cfg: DataConfig,
@@ -157,7 +168,7 @@ def refine_folder(
     (a killed write) is made again."""
     dist = dist or D.DistInfo()
     device = crf_device(cfg.device, dist.local_rank) if cfg.backend == "torch" else None  # fails before clearing
-    run = RunDir(run_dir)
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)  # a path: final.pt's pseudo folder
     if made_from is not None and dist.is_main:
         stale = claim_outputs(run.pseudo, made_from[0], made_from[1], ("crf",))
         if stale:
@@ -212,6 +223,7 @@ def _main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=None, help="pydensecrf processes or CPU threads (crf.workers; 0 = this rank's CPU share)"
     )
     p.add_argument("--backend", choices=["pydensecrf", "torch"], default=None)
+    p.add_argument("--selection", choices=SELECTIONS, default="final", help=SELECTION_HELP)
     args = p.parse_args(argv)
     cfg = run_config(args.run, args.config, args.overrides)
     if args.workers is not None:
@@ -223,9 +235,10 @@ def _main(argv: list[str] | None = None) -> int:
     dist = D.setup("cpu")  # a gloo group for the barrier only: the CRF's device is crf_device's
     try:
         t = time.perf_counter()
-        made_from = (model_digest(RunDir(args.run).final), chain_settings("crf", cfg))
+        run = RunDir(args.run, args.selection)
+        made_from = (model_digest(run.weights()), chain_settings("crf", cfg))
         counts = refine_folder(
-            args.run,
+            run,
             args.split or cfg.data.seg_train_split,
             cfg.crf,
             cfg.data,
@@ -236,7 +249,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"CRF rank {dist.rank}: {counts} in {time.perf_counter() - t:.1f} s")
         D.barrier()  # every rank's masks are written before the split is marked done
         if dist.is_main:
-            mark_done(RunDir(args.run), "crf", cfg, args.split or cfg.data.seg_train_split)
+            mark_done(run, "crf", cfg, args.split or cfg.data.seg_train_split)
     finally:
         D.cleanup()
     return 0

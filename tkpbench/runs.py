@@ -186,6 +186,45 @@ def load_final(run: str | Path | RunDir) -> dict[str, Any]:
     return load_checkpoint(path)
 
 
+SELECTION_HELP = (
+    "which weights to start from: final (final.pt, train.keep's choice; default), last (the last epoch), "
+    "best_miou (best val mIoU: chosen with val pixel labels) or best_f1 (best val image-tag F1: label-free); "
+    "outputs of a selection other than final go to <run>/pseudo/<selection>/"
+)
+
+
+def mask_stage(selection: str) -> str:
+    """The record of a checkpoint selection's pseudo masks: "mask" for final.pt, else "mask@<selection>"."""
+    return "mask" if selection == "final" else f"mask@{selection}"
+
+
+def weights_info(path: Path) -> dict[str, Any]:
+    """Which selection a weights file holds, and the epoch and step its weights were taken at
+    (``weights_step``; None for a file of an earlier version), read without loading the tensors.
+    A final.pt of an earlier version names its selection only in ``kept``."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a usable tkpbench checkpoint ({e.__class__.__name__}: {str(e)[:200]})") from e
+    kept = str(ck.get("kept", ""))
+    derived = "best_miou" if kept.startswith("best miou") else "last" if kept.startswith("last") else "final"
+    return {"selection": ck.get("selection") or derived, "epoch": ck.get("epoch"), "weights_step": ck.get("weights_step")}
+
+
+def weights_groups(run: RunDir) -> dict[str, list[str]]:
+    """The distinct weights among a run's selection files: the first selection that holds them (in
+    ``SELECTIONS`` order, so final first) -> every selection that holds the same (same
+    ``weights_step``). A selection whose file is absent is in no group; files of earlier
+    versions (no ``weights_step``) are each their own group."""
+    infos = {s: weights_info(run.weights(s)) for s in SELECTIONS if run.weights(s).is_file()}
+    groups: dict[str, list[str]] = {}
+    for sel, info in infos.items():
+        step = info["weights_step"]
+        lead = next((g for g in groups if step is not None and infos[g]["weights_step"] == step), None)
+        groups.setdefault(lead or sel, []).append(sel)
+    return groups
+
+
 def model_digest(weights: Path) -> str:
     """The ``model_sha256`` (16 hex) of a weights file: what records and markers name a model by.
     Hashed once per version of the file (path, size, mtime): the pipeline and its in-process stages
