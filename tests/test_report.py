@@ -11,12 +11,21 @@ from tkpbench.records import StageRecord, write_stage
 from tkpbench.report import build_tables, fig4_sweep, fig5_grid, load_results, main, published, variant
 
 
-def _cfg(pooling, pce, k=6, eps=0.85, synthetic=False, et=False):
+def _cfg(pooling, pce, k=6, eps=0.85, synthetic=False, et=False, keep="last"):
+    """A run's config; train.keep = "last" unless asked (with "best" its cells are flagged §)."""
     c = Config()
     c.synthetic = synthetic
     flags = ["model.et=true", "model.reg=0.01"] if et else []
     apply_overrides(
-        c, [f"model.pooling={pooling}", f"model.pce={'true' if pce else 'false'}", f"model.k={k}", f"model.eps={eps}", *flags]
+        c,
+        [
+            f"model.pooling={pooling}",
+            f"model.pce={'true' if pce else 'false'}",
+            f"model.k={k}",
+            f"model.eps={eps}",
+            f"train.keep={keep}",
+            *flags,
+        ],
     )
     return c.to_dict()
 
@@ -66,11 +75,13 @@ def test_the_vit_pcm_rows_come_only_from_vit_pcm_runs_and_say_what_they_measure(
     t1, t2, *_ = build_tables(load_results(tmp_path))
     assert _row(t1, "ViT-PCM")[4] == "not run"  # vit_pcm_max alone does not stand in for ViT-PCM
     assert _row(t2, "ViT-PCM")[3] == "69.3 †" and any("BPM" in n and n.startswith("†") for n in t2[3])
-    _write(tmp_path, "vit_pcm", "mask", "voc", "train", 66.0, 68.5, _cfg("max", False, et=True))
-    _write(tmp_path, "vit_pcm", "seg", "voc", "val", 65.0, None, _cfg("max", False, et=True))
+    _write(tmp_path, "vit_pcm", "mask", "voc", "train", 66.0, 68.5, _cfg("max", False, et=True, keep="best"))
+    _write(tmp_path, "vit_pcm", "seg", "voc", "val", 65.0, None, _cfg("max", False, et=True, keep="best"))
     t1, t2, _, t4, _ = build_tables(load_results(tmp_path))
-    assert _row(t1, "ViT-PCM")[4:6] == ["66.0 (n=1, no interval)", "68.5 (n=1, no interval)"]
-    assert _row(t2, "ViT-PCM")[4:] == ["65.0 (n=1, no interval)", "not comparable"]
+    # train.keep = "best" (the default, ViT-PCM's save_best_only): chosen with val pixel labels, flagged §
+    assert _row(t1, "ViT-PCM")[4:6] == ["66.0 (n=1, no interval)§", "68.5 (n=1, no interval)§"]
+    assert _row(t2, "ViT-PCM")[4:] == ["65.0 (n=1, no interval)§", "not comparable"]
+    assert any(n.startswith("§ chosen with val pixel labels") for n in t2[3])
     assert any(r[0].startswith("Max-Pooling (ViT-PCM's pooling, TKP-PCL's training) [vit_pcm_max]") for r in t4[2])
     assert all("[vit_pcm]" not in r[0] for r in t4[2])
 

@@ -13,9 +13,10 @@ from rich.table import Table as RichTable
 
 from tkpbench.report.tables import Table
 
-# the marks a published cell can carry (published.Figure.mark); a note that starts with one is the
-# footnote it points to, written under the table in every format
-FOOTNOTE_MARKS = ("†", "‡")
+# the marks a cell can carry (a published one's published.Figure.mark; § a measured one whose weights
+# were chosen with val pixel labels, tables.PIXEL_MARK); a note that starts with one is the footnote
+# it points to, written under the table in every format
+FOOTNOTE_MARKS = ("†", "‡", "§")
 
 
 def footnotes(notes: list[str]) -> list[str]:
@@ -40,12 +41,35 @@ def to_markdown(tables: list[Table]) -> str:
     return "\n".join(out)
 
 
+def measured_cells(table: Table) -> list[dict]:
+    """The measured cells of a table, each {row, column, value, selection}: ``selection`` names the
+    checkpoint selection of the weights it was measured on ("last", "best_miou": chosen with val
+    pixel labels, "best_f1"; ``runs.SELECTIONS``)."""
+    header, rows = table[1], table[2]
+    return [
+        {"row": i, "column": col, "value": rows[i][header.index(col)], "selection": sel}
+        for (i, col), sel in sorted(getattr(table, "selections", {}).items(), key=lambda x: (x[0][0], header.index(x[0][1])))
+    ]
+
+
 def to_json(tables: list[Table]) -> str:
-    """Every table as {title, header, rows, notes, footnotes}: for scripts. ``footnotes`` holds the
-    notes that the † and ‡ marks of its cells point to."""
+    """Every table as {title, header, rows, notes, footnotes, cells}: for scripts. ``footnotes``
+    holds the notes that the †, ‡ and § marks of its cells point to; ``cells`` every measured cell
+    with the checkpoint ``selection`` of its weights (``measured_cells``)."""
     return (
         json.dumps(
-            [{"title": t, "header": h, "rows": r, "notes": n, "footnotes": footnotes(n)} for t, h, r, n in tables], indent=2
+            [
+                {
+                    "title": t[0],
+                    "header": t[1],
+                    "rows": t[2],
+                    "notes": t[3],
+                    "footnotes": footnotes(t[3]),
+                    "cells": measured_cells(t),
+                }
+                for t in tables
+            ],
+            indent=2,
         )
         + "\n"
     )
@@ -84,6 +108,7 @@ _LATEX = {
     "Δ": r"$\Delta$",
     "†": r"\dag{}",
     "‡": r"\ddag{}",
+    "§": r"\S{}",
     "≥": r"$\geq$",
     "≤": r"$\leq$",
     "×": r"$\times$",

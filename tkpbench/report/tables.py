@@ -11,9 +11,37 @@ import numpy as np
 
 from tkpbench.report import published
 from tkpbench.report.load import Group, make_groups
+from tkpbench.runs import PIXEL_LABEL_SELECTIONS
 from tkpbench.stats import Estimate, ImageChanges, class_intervals, image_changes, paired_difference, verdict
 
 Table = tuple[str, list[str], list[list[str]], list[str]]
+
+
+class Measured(tuple):
+    """A ``Table`` whose measured cells name the checkpoint selection of the weights they come from:
+    ``selections`` maps (row index, column header) -> "last", "best_miou", "best_f1" (``runs.SELECTIONS``)."""
+
+    selections: dict[tuple[int, str], str]
+
+
+def measured(title: str, header: list[str], rows: list[list[str]], notes: list[str], selections) -> Table:
+    t = Measured((title, header, rows, notes))
+    t.selections = selections
+    return t
+
+
+# the mark of a cell whose weights were chosen with val pixel labels, and its footnote
+PIXEL_MARK = "§"
+PIXEL_NOTE = (
+    "§ chosen with val pixel labels: the epoch of these weights was picked by the best val mIoU (train.keep = "
+    '"best", ViT-PCM\'s save_best_only), which weak supervision forbids; the checkpoint-selection table '
+    "shows the label-free choices"
+)
+SELECTION_LABEL = {
+    "last": "last epoch",
+    "best_miou": "best val mIoU (val pixel labels)",
+    "best_f1": "best val tag F1 (image-level tags only)",
+}
 
 # Table 4's "Max-Pooling (ViT-PCM)" row is vit_pcm_max.toml: ViT-PCM's pooling in TKP-PCL's training
 # (MCE only), which is what the paper's ablation varies; ViT-PCM itself is baselines/vit_pcm.toml
@@ -46,6 +74,81 @@ def _prov(stage: dict[str, Any], run: str) -> str:
         f"{run} @ {stage.get('commit', '?')}, {stage.get('date', '?')[:10]}, {stage.get('device', '?')}, "
         f"{stage.get('dataset')}/{stage.get('split')}, {stage.get('num_images')} images"
     )
+
+
+def record_selections(rec: dict[str, Any], run: dict[str, Any]) -> list[str]:
+    """The checkpoint selections whose weights a "mask" record measured: ``protocol.selections``;
+    a record of an earlier version measured final.pt, train.keep's choice of its config."""
+    p = rec.get("protocol", {})
+    if p.get("selections"):
+        return list(p["selections"])
+    if p.get("selection"):
+        return [p["selection"]]
+    return ["best_miou" if run.get("config", {}).get("train", {}).get("keep") == "best" else "last"]
+
+
+def final_selection(g: Group) -> str | None:
+    """How final.pt's weights were chosen in ``g`` (its first "mask" record says; the DeepLab of a
+    run trains on final.pt's pseudo masks, so its cells share it)."""
+    for r in g.runs:
+        if "mask" in r["stages"]:
+            return record_selections(r["stages"]["mask"], r)[0]
+    return "best_miou" if any(r.get("config", {}).get("train", {}).get("keep") == "best" for r in g.runs) else None
+
+
+def flagged(text: str, selection: str | None) -> str:
+    """``text`` with the § mark when its weights were chosen with val pixel labels."""
+    return text + PIXEL_MARK if selection in PIXEL_LABEL_SELECTIONS and text not in ("-", "") else text
+
+
+def selection_group(g: Group, selection: str) -> Group | None:
+    """``g``'s runs with the record of ``selection``'s pseudo masks as their "mask" stage (the
+    "mask" or "mask@<selection>" record that measured those weights); runs without one are left
+    out; None when none has one."""
+    runs = []
+    for r in g.runs:
+        st = next(
+            (n for n, rec in r["stages"].items() if n.split("@")[0] == "mask" and selection in record_selections(rec, r)), None
+        )
+        if st is not None:
+            runs.append({**r, "stages": {"mask": r["stages"][st]}})
+    return Group(g.name, g.variant, g.synthetic, runs) if runs else None
+
+
+def selection_tables(groups: list[Group]) -> list[Table]:
+    """Per group whose runs scored more than one checkpoint selection: the mask mIoU after the CRF
+    of the last epoch, the best val mIoU epoch and the best val tag F1 epoch, and the paired
+    difference best_miou - last over seeds and images (what choosing with val pixel labels gains)."""
+    out = []
+    for g in groups:
+        sg = {sel: selection_group(g, sel) for sel in SELECTION_LABEL}
+        if sum(x is not None for x in sg.values()) < 2:
+            continue
+        rows, sels = [], {}
+        for sel, label in SELECTION_LABEL.items():
+            x = sg[sel]
+            epochs = sorted({str(r["stages"]["mask"].get("protocol", {}).get("epoch", "?")) for r in x.runs}) if x else []
+            delta = paired(x, sg["last"], "mask", True) if sel == "best_miou" and x and sg["last"] else None
+            rows.append(
+                [
+                    sel,
+                    label,
+                    ", ".join(epochs) or "-",
+                    flagged(cell(x.estimate("mask", crf=True)), sel) if x else "not kept",
+                    delta_cell(delta),
+                ]
+            )
+            sels[(len(rows) - 1, "mask (CRF)")] = sel
+        notes = [
+            PM,
+            "epochs: the epoch of the weights in each seed's run; a selection holding the same weights as another "
+            "(the same epoch) is measured once and shown in both rows",
+            "Δ = best_miou - last, paired over seeds and images (tkpbench.stats.paired_difference)",
+            PIXEL_NOTE,
+        ]
+        title = f"Checkpoint selection, pseudo masks of {g.name} ({_where(g, 'mask')}, mIoU % after CRF)"
+        out.append(measured(title, ["selection", "chosen by", "epoch", "mask (CRF)", "Δ vs last"], rows, notes, sels))
+    return out
 
 
 def cell(e: Estimate | None) -> str:
@@ -123,7 +226,8 @@ def build_tables(runs: list[dict]) -> list[Table]:
             + (["measured +CRF"] if crf_cols else [])
             + ["paper inside 95% CI?"]
         )
-        rows, notes, used = [], [PM], []
+        rows, notes, used, sels = [], [PM], [], {}
+        measured_cols = ["measured"] + (["measured +CRF"] if crf_cols else [])
         for f in published.table(figures, number):
             name, var = f.method, METHOD_VARIANT.get(f.method)
             g = pick(var, dataset, stage) if var else None
@@ -138,12 +242,17 @@ def build_tables(runs: list[dict]) -> list[Table]:
             e = g.estimate(stage)
             ec = g.estimate(stage, crf=True) if crf_cols else None
             inside = _inside(ec if crf_cols else e, f.value) if f.comparable else "not comparable"
-            rows.append([name, f.venue, f.backbone, shown, cell(e)] + ([cell(ec)] if crf_cols else []) + [inside])
+            sel = final_selection(g)
+            values = [flagged(cell(x), sel) for x in ([e, ec] if crf_cols else [e])]
+            if sel in PIXEL_LABEL_SELECTIONS:
+                notes.append(PIXEL_NOTE)
+            sels.update({(len(rows), c): sel for c in measured_cols if sel})
+            rows.append([name, f.venue, f.backbone, shown, *values, inside])
             notes += [f"{name}: {_prov(st, g.name)}" for st in g.records(stage)]
             if dataset == "coco":
                 protocols = sorted({r.get("config", {}).get("data", {}).get("coco_protocol", "tkpbench") for r in g.runs})
                 notes.append(f"{name}: COCO protocol {', '.join(protocols)} ({COCO_PROTOCOL_TEXT[protocols[0]]})")
-        return (title, header, rows, notes + _machine_notes(used))
+        return measured(title, header, rows, list(dict.fromkeys(notes)) + _machine_notes(used), sels)
 
     tables = [
         method_table(
@@ -163,7 +272,7 @@ def build_tables(runs: list[dict]) -> list[Table]:
     ]
     if demo:
         tables.append(demo_table(demo))
-    return tables
+    return tables + selection_tables(groups)
 
 
 def demo_table(groups: list[Group]) -> Table:
@@ -172,7 +281,12 @@ def demo_table(groups: list[Group]) -> Table:
     header = ["run", "variant", "mask (pre-CRF)", "mask (CRF)", "all-bg", "seg", "Δ mask (CRF) vs max", "Δ seg vs max"]
     rows, notes = [], [PM, "all-bg: the mIoU of predicting background everywhere on the same pixels"]
     base = next((g for g in groups if g.variant == "max"), None)
+    sels = {}
     for g in groups:
+        sel = final_selection(g)
+        if sel in PIXEL_LABEL_SELECTIONS:
+            notes.append(PIXEL_NOTE)
+        sels.update({(len(rows), c): sel for c in ("mask (pre-CRF)", "mask (CRF)", "seg") if sel})
         mk = g.records("mask")
         bgs = [r["miou_all_background"] for r in mk if r.get("miou_all_background") is not None]
         bg = float(np.mean(bgs)) if bgs else None
@@ -182,16 +296,17 @@ def demo_table(groups: list[Group]) -> Table:
             [
                 g.name,
                 VARIANT_LABEL.get(g.variant, g.variant),
-                cell(g.estimate("mask")),
-                cell(g.estimate("mask", crf=True)),
+                flagged(cell(g.estimate("mask")), sel),
+                flagged(cell(g.estimate("mask", crf=True)), sel),
                 _fmt(bg),
-                cell(g.estimate("seg")),
+                flagged(cell(g.estimate("seg")), sel),
                 delta_cell(dm),
                 delta_cell(ds),
             ]
         )
         notes += _provenance(g)
-    return ("Demo runs on generated data (NOT a reproduction of the paper)", header, rows, notes + _machine_notes(groups))
+    title = "Demo runs on generated data (NOT a reproduction of the paper)"
+    return measured(title, header, rows, list(dict.fromkeys(notes)) + _machine_notes(groups), sels)
 
 
 def ablation_table(title: str, groups: list[Group], pub: dict[str, tuple[float, float]], dataset: str | None = "voc") -> Table:
@@ -254,14 +369,16 @@ def per_class_tables(runs: list[dict]) -> list[Table]:
     for s in runs:
         for name, st in s["stages"].items():
             key = ("generated data" if s.get("synthetic") else st["dataset"], name, st["split"])
-            per = st.get("per_class_crf") if name == "mask" and st.get("per_class_crf") else st.get("per_class")
+            mask = name.split("@")[0] == "mask"
+            per = st.get("per_class_crf") if mask and st.get("per_class_crf") else st.get("per_class")
             if per:
                 groups.setdefault(key, []).append((s["run"], per))
     out = []
     for (data, stage, split), cols in sorted(groups.items()):
         classes = list(cols[0][1])
         rows = [[c] + [_fmt(per.get(c)) for _, per in cols] for c in classes]
-        what = "pseudo masks after CRF" if stage == "mask" else "DeepLab-v2"
+        sel = f" ({stage.split('@')[1]} weights)" if "@" in stage else ""
+        what = f"pseudo masks after CRF{sel}" if stage.split("@")[0] == "mask" else "DeepLab-v2"
         out.append((f"Per-class IoU %, {what}, {data} {split}", ["class"] + [r for r, _ in cols], rows, []))
     return out
 
