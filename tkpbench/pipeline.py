@@ -334,7 +334,7 @@ def selection_steps(chain: Chain, results: ResultsDir, common: list[str], log) -
         args = [*common, "--run-dir", str(run.root), "--selection", sel, *chain.conf]
 
         def scored(sel: str = sel) -> bool:  # its file exists and holds weights of its own
-            return sel in weights_groups(RunDir(chain.run.root))
+            return RunDir(chain.run.root).weights(sel).is_file() and sel in weights_groups(RunDir(chain.run.root))
 
         for stage, what, module in (("pseudo", "pseudo masks", "tkpbench.pseudo"), ("crf", "CRF", "tkpbench.refine")):
             done = functools.partial(marked, run, stage, cfg, split, log)
