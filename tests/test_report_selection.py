@@ -21,7 +21,7 @@ def _cfg(keep: str, synthetic: bool = True) -> dict:
     return c.to_dict()
 
 
-def _record(results, run, stage, cfg, inter, protocol=None):
+def _record(results, run, stage, cfg, inter, protocol=None, synthetic=True):
     """A mask record with per-image counts: union 100 px of class 1 per image, ``inter`` of them right."""
     inter = np.stack([np.zeros(len(IDS)), np.asarray(inter, dtype=float)], 1).astype(np.int64)
     union = np.full_like(inter, 100)
@@ -37,7 +37,7 @@ def _record(results, run, stage, cfg, inter, protocol=None):
         per_class={},
         num_images=len(IDS),
         miou_crf=50.0,
-        synthetic=True,
+        synthetic=synthetic,
         date="2026-12-01T00:00:00",
         counts_file=name,
         protocol=protocol or {},
@@ -106,3 +106,15 @@ def test_keep_last_is_not_flagged_and_old_records_without_selection_still_load(t
     assert demo[2][0][3].endswith("§")
     assert [c["selection"] for c in measured_cells(demo)] == ["best_miou"] * 3
     assert not any(t[0].startswith("Checkpoint selection") for t in tables)  # one selection: nothing to compare
+
+
+def test_table_1_and_4_flag_real_runs_kept_by_best_val_miou(tmp_path):
+    _record(tmp_path, "topk_pce", "mask", _cfg("best", synthetic=False), [70] * len(IDS), {"selection": "best_miou"}, False)
+    out = json.loads(to_json(build_tables(load_results(tmp_path))))
+    t1 = next(t for t in out if t["title"].startswith("Table 1"))
+    t4 = next(t for t in out if t["title"].startswith("Table 4"))
+    assert [c["column"] for c in t1["cells"]] == ["measured", "measured +CRF"]
+    assert all(c["value"].endswith("§") and c["selection"] == "best_miou" for c in t1["cells"])
+    assert any(f.startswith("§ chosen with val pixel labels") for f in t1["footnotes"])
+    assert {c["column"] for c in t4["cells"]} == {"measured mask (CRF)", "measured seg"}
+    assert next(c for c in t4["cells"] if c["column"] == "measured mask (CRF)")["value"].endswith("§")

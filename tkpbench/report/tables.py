@@ -321,7 +321,7 @@ def ablation_table(title: str, groups: list[Group], pub: dict[str, tuple[float, 
         "measured seg",
         "Δ seg vs max",
     ]
-    rows, notes, used = [], [PM], []
+    rows, notes, used, sels = [], [PM], [], {}
     cands = {
         var: [
             g
@@ -339,14 +339,18 @@ def ablation_table(title: str, groups: list[Group], pub: dict[str, tuple[float, 
         for g in cands[var]:
             used.append(g)
             other = base is not None and g is not base
+            sel = final_selection(g)
+            if sel in PIXEL_LABEL_SELECTIONS:
+                notes.append(PIXEL_NOTE)
+            sels.update({(len(rows), c): sel for c in ("measured mask (CRF)", "measured seg") if sel})
             rows.append(
                 [
                     f"{label} [{g.name}]",
                     _fmt(pm),
-                    cell(g.estimate("mask", crf=True)),
+                    flagged(cell(g.estimate("mask", crf=True)), sel),
                     delta_cell(paired(g, base, "mask", True)) if other else "",
                     _fmt(ps),
-                    cell(g.estimate("seg")),
+                    flagged(cell(g.estimate("seg")), sel),
                     delta_cell(paired(g, base, "seg", False)) if other else "",
                 ]
             )
@@ -359,7 +363,7 @@ def ablation_table(title: str, groups: list[Group], pub: dict[str, tuple[float, 
             if v != "max"
         )
     )
-    return (title, header, rows, notes + _machine_notes(used))
+    return measured(title, header, rows, list(dict.fromkeys(notes)) + _machine_notes(used), sels)
 
 
 def per_class_tables(runs: list[dict]) -> list[Table]:
