@@ -6,7 +6,7 @@ the rest. ``Trainer.fit`` reads like the algorithm:
 
     lock the run folder; build; resume
     until the stop rule says stop: begin_epoch; train_step per batch; end_epoch (evaluate, log, checkpoint)
-    save final.pt
+    save final.pt (and, for a task with ``also_keep``, last.pt beside the best.pt / best_<metric>.pt kept at evaluations)
 
 ``StopRule`` is the one place that decides when the loop ends and why: the schedule's last step
 (``max_steps``), patience (no better evaluation for that many epochs) or a signal (SIGTERM/SIGINT

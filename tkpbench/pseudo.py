@@ -2,6 +2,7 @@
 
     python -m tkpbench.pseudo --run runs/topk_pce --split train_aug
     torchrun --nproc_per_node=8 -m tkpbench.pseudo --run runs/topk_pce --split train_aug
+    python -m tkpbench.pseudo --run runs/topk_pce --split train --selection best_f1   # another epoch's weights
 
 Each image is resized to ``pseudo.infer_size`` (960 by default, as ViT-PCM; the encoder resamples
 its position embeddings), Z is read as a (C, h, w) map, merged with the image's tags (zero
