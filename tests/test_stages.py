@@ -22,7 +22,23 @@ from tkpbench.records import SCHEMA_VERSION
 from tkpbench.runs import ResultsDir, RunDir, chain_settings, mark_done, model_digest, training_view
 
 # strings a choice key may take (its check says which of them it allows)
-WORDS = ["max", "avg", "topk", "torch", "keras", "coco", "xml", "vit_pcm", "keep", "last", "best", "resnet50", "cpu", "x"]
+WORDS = [
+    "max",
+    "avg",
+    "topk",
+    "torch",
+    "keras",
+    "coco",
+    "xml",
+    "vit_pcm",
+    "keep",
+    "last",
+    "best",
+    "resnet50",
+    "cpu",
+    "input",
+    "x",
+]
 
 
 def _get(cfg: Config, dotted: str):
