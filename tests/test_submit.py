@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from tests.helpers import tiny_config
-from tkpbench.config import dumps
+from tkpbench.config import Config, apply_overrides, dumps
 from tkpbench.data import download as dl
 from tkpbench.data.check import check_dataset
 from tkpbench.data.common import DatasetError, voc_palette
@@ -26,7 +26,8 @@ from tkpbench.data.voc import VOCSegmentation
 from tkpbench.deeplab import IMAGENET_MEAN, IMAGENET_STD, DeepLabV2, predict_probs
 from tkpbench.errors import DownloadError
 from tkpbench.io import atomic_torch_save
-from tkpbench.records import load_summary
+from tkpbench.records import StageRecord, load_summary, write_stage
+from tkpbench.report import build_tables, load_results
 from tkpbench.runs import CHECKPOINT_FORMAT
 from tkpbench.submit import PNG_FOLDER, SubmissionError, check_submission, main, png_problem
 
@@ -199,3 +200,21 @@ def test_voc_test_download_extracts_a_tar_and_refuses_a_login_page(tmp_path, mon
     served["file"] = tar_path
     dl.download("voc-test", tmp_path / "data")
     assert (tmp_path / "data" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "test.txt").is_file()
+
+
+def test_table2_shows_the_servers_test_figure_with_its_page_once_one_is_recorded(tmp_path):
+    cfg = apply_overrides(Config(), ["model.pooling=topk", "model.pce=true"]).to_dict()
+    url = "http://host.robots.ox.ac.uk:8080/anonymous/ABCDE{}.html"  # each seed's submission has its page
+    for run in ("topk_pce-s0", "topk_pce-s1"):
+        write_stage(tmp_path, run, StageRecord("seg", "voc", "val", 71.0, {}, 1449), cfg)
+    assert "VOC test (server)" not in build_tables(load_results(tmp_path))[1][1]  # no empty column
+    for seed, test in ((0, 71.5), (1, 72.5)):
+        page = {"server_result": url.format(seed)}
+        rec = StageRecord("seg_test", "voc", "test", test, {}, 1456, protocol=page, date="2026-12-01")
+        write_stage(tmp_path, f"topk_pce-s{seed}", rec, cfg)
+    t2 = build_tables(load_results(tmp_path))[1]
+    assert t2[1][-1] == "VOC test (server)"
+    row = next(r for r in t2[2] if r[0] == "TKP-PCL")
+    assert row[-1] == "72.0 (n=2)" and all(len(r) == len(t2[1]) for r in t2[2])
+    assert all(r[-1] == "" for r in t2[2] if r[0] != "TKP-PCL")
+    assert all(any(url.format(seed) in n for n in t2[3]) for seed in (0, 1))
