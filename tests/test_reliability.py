@@ -486,6 +486,9 @@ def test_sigterm_to_every_process_checkpoints_at_the_next_step_exits_143_and_res
     with pytest.raises(TrainingInterrupted, match="stopped by signal 15 ") as stopped:
         t.fit()
     assert stopped.value.exit_code == 143
+    # the workers that ignore SIGTERM are gone although ``t`` (and its loader) is still referenced:
+    # left alive, the interpreter's exit (SIGTERM to children, then join) would wait for them forever
+    assert _children() == []
     assert load_latest(tmp_path / "b" / "checkpoints")["step"] == t.sampler.batches_per_epoch + 1
     assert not (tmp_path / "b" / "final.pt").exists()
     fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "b", D.DistInfo(), progress=False)

@@ -227,20 +227,33 @@ class Trainer:
     def fit(self) -> nn.Module:
         D.set_determinism(bool(self.cfg_dict.get("train", {}).get("deterministic", False)))
         with self._lock(), self.signals, self._progress():
-            self.build()
-            self.resume()
-            while self.stop.reason is None:
-                self.begin_epoch()
-                for batch in self.loader:
-                    self.train_step(batch)
-                    self.after_step()
-                    if self.stop.after_step(self.state.step, self.signal_seen):
-                        break
-                if self.stop.reason == StopRule.SIGNAL:
-                    self.interrupted()
-                self.end_epoch()
-            self.save_final()
+            try:
+                self.build()
+                self.resume()
+                while self.stop.reason is None:
+                    self.begin_epoch()
+                    for batch in self.loader:
+                        self.train_step(batch)
+                        self.after_step()
+                        if self.stop.after_step(self.state.step, self.signal_seen):
+                            break
+                    if self.stop.reason == StopRule.SIGNAL:
+                        self.interrupted()
+                    self.end_epoch()
+                self.save_final()
+            finally:
+                self._stop_workers()
         return unwrap(self.model)
+
+    def _stop_workers(self) -> None:
+        """End the persistent DataLoader workers now, whatever ended the loop. They ignore SIGTERM
+        (``_leave_signals_to_the_trainer``), so left to the interpreter's exit, which terminates
+        children with SIGTERM and then joins them, they would keep the process from ever exiting
+        while anything (a traceback) still holds this trainer. DataLoader has no public call for it."""
+        it = getattr(getattr(self, "loader", None), "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+            self.loader._iterator = None
 
     # -- pieces ----------------------------------------------------------------------------------
     @contextlib.contextmanager
