@@ -1,6 +1,6 @@
 """Data commands.
 
-python -m tkpbench.data download {voc,sbd,coco,weights} --root DIR [--base-url URL]
+python -m tkpbench.data download {voc,voc-test,sbd,coco,weights} --root DIR [--base-url URL]
 python -m tkpbench.data check {voc,coco} --root DIR [--splits train val train_aug]
 python -m tkpbench.data prepare-aug --root VOC2012_DIR --sbd SBD_DATASET_DIR
 python -m tkpbench.data coco-masks --root COCO_DIR --split train2014
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tkpbench data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("download", help="fetch archives (resumable, checksummed) and extract them")
-    d.add_argument("what", choices=["voc", "sbd", "coco", "weights"])
+    d.add_argument("what", choices=["voc", "voc-test", "sbd", "coco", "weights"])
     d.add_argument("--root", type=Path, required=True)
     d.add_argument("--base-url", default=None, help="mirror folder that holds the same file names")
     c = sub.add_parser("check", help="report what is present and how to fix what is missing")
