@@ -8,12 +8,15 @@ demo and the tests (generated data) run on the CPU without asking.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from tkpbench import distributed as D
 from tkpbench.errors import UserError
 
 # the oldest Linux driver each CUDA major version runs on (NVIDIA's CUDA compatibility table)
@@ -116,3 +119,15 @@ def announce(stage: str, dist) -> None:
     """Log the device each rank of ``stage`` uses (every rank: a wrong GPU mapping shows at once)."""
     where = f"rank {dist.rank}/{dist.world}: " if dist.world > 1 else ""
     print(f"{stage}: {where}{describe(dist.device)}", flush=True)
+
+
+@contextlib.contextmanager
+def stage_processes(stage: str, requested: str | None, synthetic: bool) -> Iterator[D.DistInfo]:
+    """This process's part of a stage: its device said (``resolve``), the process group when
+    torchrun started several, each rank's device logged, and the group closed however it ends."""
+    dist = D.setup(resolve(requested, synthetic))
+    announce(stage, dist)
+    try:
+        yield dist
+    finally:
+        D.cleanup()

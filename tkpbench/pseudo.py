@@ -33,8 +33,7 @@ from tkpbench import distributed as D
 from tkpbench.config import Config
 from tkpbench.data.common import save_mask
 from tkpbench.data.transforms import build_dataset
-from tkpbench.device import announce
-from tkpbench.device import resolve as resolve_device
+from tkpbench.device import stage_processes
 from tkpbench.model import TKPPCL, merged_grid, upsample_probs
 from tkpbench.progress import track
 from tkpbench.runs import (
@@ -153,9 +152,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--selection", choices=SELECTIONS, default="final", help=SELECTION_HELP)
     args = p.parse_args(argv)
     cfg = run_config(args.run, args.config, args.overrides)
-    dist = D.setup(resolve_device(args.device, cfg.synthetic))
-    announce("pseudo", dist)
-    try:
+    with stage_processes("pseudo", args.device, cfg.synthetic) as dist:
         split = args.split or cfg.data.seg_train_split
         t = time.perf_counter()
         run = RunDir(args.run, args.selection)
@@ -164,8 +161,6 @@ def _main(argv: list[str] | None = None) -> int:
         if dist.is_main:
             mark_done(run, "pseudo", cfg, split)
             print(f"pseudo masks: {n} new images on rank 0 in {time.perf_counter() - t:.1f} s -> {run.pseudo}")
-    finally:
-        D.cleanup()
     return 0
 
 

@@ -36,8 +36,7 @@ from tkpbench.crf import crf_device, dense_crf
 from tkpbench.data.common import save_mask
 from tkpbench.data.transforms import EvalSet, PseudoMaskSet, build_dataset, eval_transform, seg_train_transform
 from tkpbench.deeplab import IMAGENET_MEAN, IMAGENET_STD, DeepLabV2, init_name, resize_labels, resize_labels_pil
-from tkpbench.device import announce
-from tkpbench.device import resolve as resolve_device
+from tkpbench.device import stage_processes
 from tkpbench.engine import Task, fit, fused_optimizer, unwrap
 from tkpbench.errors import WeightsError
 from tkpbench.metrics import ConfusionMatrix
@@ -353,9 +352,7 @@ def _main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     cfg = run_config(args.run, args.config, args.overrides)
-    dist = D.setup(resolve_device(args.device, cfg.synthetic))
-    announce(f"segment {args.cmd}", dist)
-    try:
+    with stage_processes(f"segment {args.cmd}", args.device, cfg.synthetic) as dist:
         if args.cmd == "train":
             run = RunDir(args.run)
             if dist.is_main:
@@ -373,8 +370,6 @@ def _main(argv: list[str] | None = None) -> int:
             if dist.is_main:
                 rungs = ", ".join(f"{k} {100 * v:.2f}" for k, v in r["ladder"].items())
                 print(f"DeepLab-v2 mIoU on {args.split or cfg.data.val_split}: {100 * r['miou']:.2f} (ladder: {rungs})")
-    finally:
-        D.cleanup()
     return 0
 
 

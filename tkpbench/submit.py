@@ -49,8 +49,7 @@ from tkpbench.data.common import save_mask, voc_palette
 from tkpbench.data.transforms import eval_transform
 from tkpbench.data.voc import VOCSegmentation
 from tkpbench.deeplab import IMAGENET_MEAN, IMAGENET_STD, DeepLabV2, predict_probs
-from tkpbench.device import announce
-from tkpbench.device import resolve as resolve_device
+from tkpbench.device import stage_processes
 from tkpbench.errors import ConfigError, UserError
 from tkpbench.io import atomic_write, file_digest, remove_stale_temporaries
 from tkpbench.progress import track
@@ -270,12 +269,8 @@ def _main(argv: list[str] | None = None) -> int:
         shown = "no mIoU given" if args.miou is None else f"mIoU {args.miou:.2f}"
         print(f"VOC test (server): {shown}, {args.server_result} recorded in {path}")
         return 0
-    dist = D.setup(resolve_device(args.device, cfg.synthetic))
-    announce("submit voc-test", dist)
-    try:
+    with stage_processes("submit voc-test", args.device, cfg.synthetic) as dist:
         make_submission(args.run, cfg, dist, args.results, not args.no_progress)
-    finally:
-        D.cleanup()
     return 0
 
 

@@ -26,8 +26,7 @@ from tkpbench import cli
 from tkpbench import distributed as D
 from tkpbench.config import Config, dumps, load_config
 from tkpbench.data.transforms import EvalSet, TKPTrainSet, build_dataset, eval_transform, tkp_train_transform
-from tkpbench.device import announce
-from tkpbench.device import resolve as resolve_device
+from tkpbench.device import stage_processes
 from tkpbench.encoder import encoder_mean_std
 from tkpbench.engine import Task, TrainingError, fit, fused_optimizer, unwrap
 from tkpbench.equivariance import equivariance_loss, mosaic, realign, tiles
@@ -203,12 +202,8 @@ def _main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.name:
         cfg.name = args.name
-    dist = D.setup(resolve_device(args.device, cfg.synthetic))
-    announce("train", dist)
-    try:
+    with stage_processes("train", args.device, cfg.synthetic) as dist:
         fit(TKPTask(cfg), cfg.to_dict(), Path(args.runs) / cfg.name, dist, config_text=dumps(cfg), **cli.fit_kwargs(args))
-    finally:
-        D.cleanup()
     return 0
 
 
