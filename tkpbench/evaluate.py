@@ -26,6 +26,7 @@ from tkpbench.records import StageRecord, per_class_dict, stamp, write_stage
 from tkpbench.runs import (
     SELECTION_HELP,
     SELECTIONS,
+    ResultsDir,
     RunDir,
     chain_settings,
     mask_stage,
@@ -134,7 +135,7 @@ def score_pseudo_masks(run_dir: Path, cfg, results: Path = Path("results"), sele
     stage = mask_stage(selection)
     before, after = evaluate_folder(run.masks, ds), evaluate_folder(run.crf, ds)
     cm, cm_crf = before.cm, after.cm
-    counts = Path(results) / run.name / f"counts_{stage}.npz"
+    counts = ResultsDir(results).counts(run.name, stage)
     save_counts(counts, ds.ids, **before.arrays(), **after.arrays("_crf"))
     rec = StageRecord(
         stage=stage,

@@ -22,6 +22,7 @@ import torch
 
 from tkpbench.distributed import precision_settings
 from tkpbench.io import atomic_write_json
+from tkpbench.runs import ResultsDir
 
 SCHEMA_VERSION = 1
 
@@ -140,7 +141,7 @@ def stamp(rec: StageRecord, wall_time_s: float) -> StageRecord:
 
 def write_stage(results_dir: Path, run: str, rec: StageRecord, config: dict[str, Any]) -> Path:
     """Insert or replace ``rec`` in ``results_dir/run/summary.json`` (atomic read-modify-write)."""
-    path = Path(results_dir) / run / "summary.json"
+    path = ResultsDir(results_dir).summary(run)
     data = load_summary(path) if path.is_file() else {"schema": SCHEMA_VERSION, "run": run, "stages": {}}
     data["config"] = config
     data.pop("cwd", None)  # records of earlier versions: nothing in a record depends on where it was made

@@ -42,7 +42,7 @@ from tkpbench.errors import WeightsError
 from tkpbench.metrics import ConfusionMatrix
 from tkpbench.progress import track
 from tkpbench.records import StageRecord, per_class_dict, stamp, write_stage
-from tkpbench.runs import RunDir, chain_settings, claim_outputs, load_final, mark_done, model_digest, run_config
+from tkpbench.runs import ResultsDir, RunDir, chain_settings, claim_outputs, load_final, mark_done, model_digest, run_config
 from tkpbench.stats import save_counts
 
 
@@ -284,7 +284,7 @@ def evaluate(
             inter, pred, gt = (np.stack([per_image[i][x][k] for i in range(len(base))]) for k in range(3))
             arrays.update({f"inter{x}": inter, f"pred{x}": pred, f"gt{x}": gt, f"union{x}": pred + gt - inter})
             arrays[f"confusion{x}"] = cms[x].matrix()
-        counts = Path(results) / run.name / "counts_seg.npz"
+        counts = ResultsDir(results).counts(run.name, "seg")
         save_counts(counts, base.ids, **arrays)
         rec = StageRecord(
             stage="seg",

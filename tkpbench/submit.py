@@ -54,7 +54,7 @@ from tkpbench.errors import ConfigError, UserError
 from tkpbench.io import atomic_write, file_digest, remove_stale_temporaries
 from tkpbench.progress import track
 from tkpbench.records import StageRecord, stamp, write_stage
-from tkpbench.runs import RunDir, chain_settings, claim_outputs, load_final, model_digest, read_marker, run_config
+from tkpbench.runs import ResultsDir, RunDir, chain_settings, claim_outputs, load_final, model_digest, read_marker, run_config
 
 COMPETITION = "comp6"
 PNG_FOLDER = Path("results") / "VOC2012" / "Segmentation" / f"{COMPETITION}_test_cls"
@@ -70,7 +70,7 @@ class SubmissionError(UserError):
 
 def submission_dir(results: Path, run: str) -> Path:
     """``results/<run>/voc-test``: the PNG tree under ``results/``, its stamp and the archive."""
-    return Path(results) / run / "voc-test"
+    return ResultsDir(results).root / run / "voc-test"
 
 
 def image_size(path: Path) -> tuple[int, int]:

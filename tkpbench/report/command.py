@@ -28,6 +28,7 @@ from tkpbench.report.figures import confusion_figures, fig4_sweep, fig_curves, f
 from tkpbench.report.formats import print_tables, to_csv, to_json, to_latex, to_markdown
 from tkpbench.report.load import Group, load_results, make_groups
 from tkpbench.report.tables import build_tables, change_pairs, detail_tables, per_class_tables
+from tkpbench.runs import ResultsDir
 
 
 def _fig5(groups: list[Group], results: Path, runs_dir: Path) -> list[Path]:
@@ -99,14 +100,14 @@ def _main(argv: list[str] | None = None) -> int:
     figs.append(fig_per_class(runs, args.results / "fig_per_class.png"))
     for s in runs:  # the training curves of every run whose folder is here
         if (args.runs / s["run"] / "log.jsonl").is_file():
-            figs.append(fig_curves(args.runs / s["run"], args.results / s["run"] / "curves.png"))
+            figs.append(fig_curves(args.runs / s["run"], ResultsDir(args.results).curves(s["run"])))
     figs = [f for f in figs if f]
     if figs:
         md += "\n## Figures\n\n" + "\n".join(f"![{f.stem}]({f.relative_to(args.results)})" for f in figs) + "\n"
     args.results.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.results / "TABLES.md", md)
+    atomic_write_text(ResultsDir(args.results).tables, md)
     print(
-        f"wrote {args.results / 'TABLES.md'}" + "".join(f", {f}" for f in figs),
+        f"wrote {ResultsDir(args.results).tables}" + "".join(f", {f}" for f in figs),
         file=sys.stderr if args.format != "table" else sys.stdout,
     )
     return 0

@@ -13,7 +13,7 @@ from tkpbench.config import config_from_dict
 from tkpbench.data.common import read_mask, voc_palette
 from tkpbench.data.transforms import build_dataset
 from tkpbench.records import load_summary
-from tkpbench.runs import RunDir
+from tkpbench.runs import ResultsDir, RunDir
 from tkpbench.stats import ImageChanges
 
 
@@ -110,7 +110,7 @@ def fig5_from_runs(results: Path, runs_dir: Path, baseline: str, ours: str, n: i
     a DatasetError when they are not there."""
 
     a_dir, b_dir = runs_dir / baseline / "pseudo" / "crf", runs_dir / ours / "pseudo" / "crf"
-    summ = results / ours / "summary.json"
+    summ = ResultsDir(results).summary(ours)
     if not (a_dir.is_dir() and b_dir.is_dir() and summ.is_file()):
         return None
     cfg = config_from_dict(load_summary(summ)["config"])
@@ -138,7 +138,7 @@ def fig_image_changes(results: Path, runs_dir: Path, a: str, b: str, changes: Im
     ``a``'s config (a relative ``data.root`` read from the current folder); a DatasetError when
     they are not there; None when a run's masks are not here or nothing changes."""
     a_dir, b_dir = runs_dir / a / "pseudo" / "crf", runs_dir / b / "pseudo" / "crf"
-    summ = results / a / "summary.json"
+    summ = ResultsDir(results).summary(a)
     gains, losses = changes.top(k)
     if not (a_dir.is_dir() and b_dir.is_dir() and summ.is_file()) or not (gains or losses):
         return None

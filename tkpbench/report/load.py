@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from tkpbench.records import load_summary, machine_key
+from tkpbench.runs import ResultsDir
 from tkpbench.stats import (
     Estimate,
     Measurement,
@@ -44,7 +45,7 @@ def load_results(results: Path) -> list[dict[str, Any]]:
     """Every readable ``results/*/summary.json`` with its variant, seed group, seed and folder
     added; an unreadable one is skipped with a warning."""
     out = []
-    for path in sorted(Path(results).glob("*/summary.json")):
+    for path in ResultsDir(results).summaries():
         try:
             s = load_summary(path)
         except ValueError as e:
