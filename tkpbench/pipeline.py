@@ -362,12 +362,21 @@ def selection_steps(chain: Chain, results: ResultsDir, common: list[str], log) -
     return out
 
 
+def _relative(path: Path) -> str:
+    """``path`` as the stages are given it: relative to the current folder when it lies inside it,
+    so the commands that records keep do not name the folder they ran in."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def prepare(cfg_path: Path, overrides: list[str], runs: Path, slots: int, seg: bool, device: str | None, log=print) -> Chain:
     """Load, check the data and the device, and plan one chain; nothing runs yet."""
     cfg = load_config(cfg_path, overrides)
     log("\n".join(check_data(cfg)))
     resolve_device(device, cfg.synthetic)  # a real run without a usable GPU stops here, with the reason
-    conf = ["--config", str(cfg_path), *[x for ov in overrides for x in ("--set", ov)]]
+    conf = ["--config", _relative(cfg_path), *[x for ov in overrides for x in ("--set", ov)]]
     chain = Chain(cfg, conf, RunDir(runs / cfg.name), seg)
     chain.plan = chain_plan(cfg, slots, chain.stages)
     return chain

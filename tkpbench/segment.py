@@ -302,7 +302,7 @@ def evaluate(
                 "init": _init_label(cfg.seg.weights),
                 "init_file": cfg.seg.weights or None,
                 "loss_at": cfg.seg.loss_at,
-                "train_masks": str(pseudo_mask_dir(run_dir, cfg)),
+                "train_masks": str(pseudo_mask_dir(run_dir, cfg).relative_to(run_dir)),  # in the run folder
                 "train_split": cfg.data.seg_train_split,
                 "iters": cfg.seg.iters,
                 "batch": cfg.seg.batch_size,
