@@ -10,6 +10,7 @@ from tkpbench.engine import fit
 from tkpbench.evaluate import evaluate_folder, score_pseudo_masks
 from tkpbench.model import merge_with_tags
 from tkpbench.pseudo import generate
+from tkpbench.pseudo import main as pseudo_main
 from tkpbench.records import load_summary
 from tkpbench.refine import refine_folder
 from tkpbench.runs import load_probs
@@ -186,3 +187,10 @@ def test_align_corners_is_stored_with_the_probabilities_and_used_when_they_load(
     for i in range(len(ds)):
         m = np.array(Image.open(other / "pseudo" / "masks" / f"{ds.ids[i]}.png"))
         assert np.array_equal(load_probs(other / "pseudo" / "probs" / f"{ds.ids[i]}.npz", 21).argmax(0), m)
+
+
+def test_an_inference_size_off_the_patch_grid_is_one_error_line(trained_run, capsys):
+    run, _ = trained_run
+    assert pseudo_main(["--run-dir", str(run), "--set", "pseudo.infer_size=70", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "pseudo.infer_size = 70 is not a multiple of the encoder's patch size 16" in err

@@ -34,6 +34,7 @@ from tkpbench.config import Config
 from tkpbench.data.common import save_mask
 from tkpbench.data.transforms import build_dataset
 from tkpbench.device import stage_processes
+from tkpbench.errors import ConfigError
 from tkpbench.model import TKPPCL, merged_grid, upsample_probs
 from tkpbench.progress import track
 from tkpbench.runs import (
@@ -95,6 +96,12 @@ def generate(run_dir: Path | RunDir, split: str, dist: D.DistInfo, cfg: Config |
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run_cfg, model = load_run(run)
     cfg = cfg or run_cfg
+    patch = model.encoder.patch_size
+    if cfg.pseudo.infer_size % patch:
+        raise ConfigError(
+            f"pseudo.infer_size = {cfg.pseudo.infer_size} is not a multiple of the encoder's patch size {patch}; "
+            f"set it to one, e.g. {cfg.pseudo.infer_size // patch * patch}"
+        )
     model = model.to(dist.device)
     base = build_dataset(cfg.data, split)
     if dist.is_main:  # outputs of another final.pt or other settings (a resumed stage) are removed, never mixed
