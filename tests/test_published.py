@@ -78,7 +78,8 @@ def test_the_printed_tables_carry_the_footnote(mismatched, width):
 
 def test_every_file_format_carries_the_footnote(mismatched):
     t1 = json.loads(to_json(mismatched))[0]
-    assert [f for f in t1["footnotes"] if not f.startswith("§")] == [FOOTNOTE] and ["ViT-PCM", "ECCV22", "ViT-B/16", "50.0 ‡"] == t1["rows"][0][:4]
+    assert [f for f in t1["footnotes"] if not f.startswith("§")] == [FOOTNOTE]
+    assert ["ViT-PCM", "ECCV22", "ViT-B/16", "50.0 ‡"] == t1["rows"][0][:4]
     assert [FOOTNOTE] in list(csv.reader(io.StringIO(to_csv(mismatched))))
     assert f"- {FOOTNOTE}" in to_markdown(mismatched).splitlines()
     tex = to_latex(mismatched)
