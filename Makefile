@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 STAMP    = $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench gpu-check report reproduce-voc reproduce-coco ablation sweep clean-demo
+.PHONY: install test test-paper test-fast demo bench gpu-check report reproduce-voc reproduce-coco ablation sweep clean-demo
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ test: install
 	$(BIN)/ruff check tkpbench tests
 	$(BIN)/ruff format --check tkpbench tests
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# reproduce.sh voc with the paper's shapes on the real VOC sample (8+ minutes on 2 cores)
+test-paper: install
+	TKPBENCH_PAPER_TEST=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_paper_config.py
 
 test-fast: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
