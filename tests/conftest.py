@@ -54,3 +54,34 @@ def synth_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth")
     make_synthetic(root, n=24, seed=0, size=(96, 128))
     return root
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synth_root, tmp_path_factory) -> Path:
+    """A tiny TKP-PCL model trained for one epoch on the generated data (one per test module)."""
+    from helpers import tiny_config
+
+    from tkpbench import distributed as D
+    from tkpbench.engine import fit
+    from tkpbench.train import TKPTask
+
+    cfg = tiny_config(synth_root / "VOC2012", train__epochs="1")
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    fit(TKPTask(cfg), cfg.to_dict(), run, D.DistInfo(), progress=False)
+    return run
+
+
+@pytest.fixture()
+def run_with_masks(synth_root, tmp_path):
+    """A run folder whose 'pseudo masks' are the generated ground truth (for DeepLab's mechanics only)."""
+    from helpers import tiny_config
+
+    from tkpbench.data import VOCSegmentation, save_mask
+
+    run = tmp_path / "tiny"
+    cfg = tiny_config(synth_root / "VOC2012", data__seg_train_split="train_aug")
+    ds = VOCSegmentation(cfg.data.root, "train_aug")
+    (run / "pseudo" / "crf").mkdir(parents=True)
+    for i in range(len(ds)):
+        save_mask(run / "pseudo" / "crf" / f"{ds.ids[i]}.png", ds.mask(i))
+    return run, cfg

@@ -42,20 +42,6 @@ def test_the_installed_script_runs():
     assert r.returncode == 0 and "reproduce" in r.stdout and "report" in r.stdout
 
 
-@pytest.fixture(scope="module")
-def tiny_run(synth_root, tmp_path_factory):
-    from helpers import tiny_config
-
-    from tkpbench import distributed as D
-    from tkpbench.engine import fit
-    from tkpbench.train import TKPTask
-
-    cfg = tiny_config(synth_root / "VOC2012", train__epochs="1")
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    fit(TKPTask(cfg), cfg.to_dict(), run, D.DistInfo(), progress=False)
-    return run
-
-
 def test_predict_writes_a_mask_of_each_images_size_and_an_overlay(tiny_run, synth_root, tmp_path):
     import numpy as np
     from PIL import Image

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from helpers import run_until_killed, tiny_config
 
 from tkpbench import distributed as D
-from tkpbench.data import VOCSegmentation, save_mask
+from tkpbench.data import VOCSegmentation
 from tkpbench.deeplab import ASPP, CAFFE_MEAN_BGR, IMAGENET_MEAN, IMAGENET_STD, DeepLabV2, init_name
 from tkpbench.encoder import WeightsError
 from tkpbench.engine import fit
@@ -52,18 +52,6 @@ def test_missing_or_foreign_backbone_weights_are_clear_errors(tmp_path):
     torch.testing.assert_close(m.backbone[0].weight, sd["conv1.weight"], rtol=0, atol=0)
     assert m.init == init_name(tmp_path / "ok.pth") == "imagenet-torchvision" and m.caffe_input is None
     assert DeepLabV2(3, "resnet18").init == init_name("") == "random"
-
-
-@pytest.fixture()
-def run_with_masks(synth_root, tmp_path):
-    """A run folder whose 'pseudo masks' are the generated ground truth (for the mechanics only)."""
-    run = tmp_path / "tiny"
-    cfg = tiny_config(synth_root / "VOC2012", data__seg_train_split="train_aug")
-    ds = VOCSegmentation(cfg.data.root, "train_aug")
-    (run / "pseudo" / "crf").mkdir(parents=True)
-    for i in range(len(ds)):
-        save_mask(run / "pseudo" / "crf" / f"{ds.ids[i]}.png", ds.mask(i))
-    return run, cfg
 
 
 def _losses(run):

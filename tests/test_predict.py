@@ -8,20 +8,6 @@ import tkpbench.predict
 from tkpbench.predict import main as predict
 
 
-@pytest.fixture(scope="module")
-def tiny_run(synth_root, tmp_path_factory):
-    from helpers import tiny_config
-
-    from tkpbench import distributed as D
-    from tkpbench.engine import fit
-    from tkpbench.train import TKPTask
-
-    cfg = tiny_config(synth_root / "VOC2012", train__epochs="1")
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    fit(TKPTask(cfg), cfg.to_dict(), run, D.DistInfo(), progress=False)
-    return run
-
-
 @pytest.fixture
 def image(synth_root, tmp_path):
     path = tmp_path / "photo.png"

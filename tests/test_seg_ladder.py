@@ -3,11 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config
 
 from tkpbench import distributed as D
 from tkpbench.config import Config, apply_overrides
-from tkpbench.data import VOCSegmentation, save_mask
 from tkpbench.deeplab import DeepLabV2, predict_probs
 from tkpbench.engine import fit
 from tkpbench.records import load_summary
@@ -61,13 +59,8 @@ def test_ladder_probabilities_equal_predict_probs_for_every_rung():
 
 
 @pytest.fixture()
-def trained(synth_root, tmp_path):
-    run = tmp_path / "tiny"
-    cfg = tiny_config(synth_root / "VOC2012", data__seg_train_split="train_aug")
-    ds = VOCSegmentation(cfg.data.root, "train_aug")
-    (run / "pseudo" / "crf").mkdir(parents=True)
-    for i in range(len(ds)):
-        save_mask(run / "pseudo" / "crf" / f"{ds.ids[i]}.png", ds.mask(i))
+def trained(run_with_masks):
+    run, cfg = run_with_masks
     cfg.seg.iters = 4
     fit(SegTask(cfg, run), cfg.to_dict(), run / "seg", D.DistInfo(), progress=False)
     return run, cfg

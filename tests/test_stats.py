@@ -243,3 +243,24 @@ def test_an_old_counts_file_gives_iou_but_no_precision_and_a_new_one_derives_the
     assert new.has_pr and np.array_equal(new.union, inter + 3) and S.measurement(c) is None
     both = S.stack_measurements([old, old])
     assert both.inter.shape == (2, 2, 2) and both.pred is None
+
+
+def test_one_image_gives_its_value_and_no_interval_rather_than_an_error():
+    """A split of one image (the paper-shape test's val split; a user's tiny check) has nothing to
+    resample: every estimator returns the value with a NaN interval, which the report prints as
+    'no interval', instead of scipy's "two or more observations" error."""
+    inter, union, _ = _draw(np.random.default_rng(0), 1)
+    pred = gt = union
+    one = S.image_interval(inter, union)
+    assert one.value == pytest.approx(S.miou_from_counts(inter, union)) and np.isnan(one.low) and np.isnan(one.high)
+    for seeds in (1, 3):
+        i3, u3 = np.repeat(inter[None], seeds, 0), np.repeat(union[None], seeds, 0)
+        e = S.seed_and_image_interval(i3, u3)
+        assert e.value == pytest.approx(one.value) and np.isnan(e.low) and e.images == 1 and e.n == seeds
+        d = S.paired_difference(i3, u3, np.zeros_like(i3), u3)
+        assert d.value == pytest.approx(one.value) and np.isnan(d.high) and S.verdict(d) == "within noise"
+    c = S.class_intervals(inter, pred, gt)
+    assert np.isfinite(c.value["iou"]).any() and all(np.isnan(c.low[k]).all() and np.isnan(c.high[k]).all() for k in c.low)
+    # two images are enough to resample again
+    i2, u2, _ = _draw(np.random.default_rng(1), 2)
+    assert np.isfinite(S.image_interval(i2, u2).low) and np.isfinite(S.seed_and_image_interval(i2[None], u2[None]).low)

@@ -138,6 +138,10 @@ class Estimate:
         return f"{self.value:.1f} ± {self.half_width:.1f} (n={self.n})"
 
 
+NAN = float("nan")
+ONE_IMAGE = "one image: no interval"
+
+
 def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
@@ -155,6 +159,8 @@ def image_interval(
 ) -> Estimate:
     """mIoU of one run with a 95% percentile-bootstrap interval over its images. inter, union: (N, C)."""
     inter, union = np.asarray(inter), np.asarray(union)
+    if len(inter) < 2:  # nothing to resample: the value, and no interval
+        return Estimate(float(miou_from_counts(inter, union)), NAN, NAN, 1, len(inter), method=ONE_IMAGE)
     order = canonical_order(inter, union)
     inter, union = inter[order], union[order]
 
@@ -208,7 +214,10 @@ def _per_seed_miou(inter: np.ndarray, union: np.ndarray, s_idx: np.ndarray, i_id
 
 
 def _image_resampled(stat_of, n_images: int, n_resamples: int, seed: int, batch: int):
-    """scipy's bootstrap over image indices of ``stat_of(image_idx)`` (percentile interval, standard error)."""
+    """scipy's bootstrap over image indices of ``stat_of(image_idx)`` (percentile interval, standard
+    error); None for fewer than two images, where there is nothing to resample."""
+    if n_images < 2:
+        return None
     return st.bootstrap(
         (np.arange(n_images),),
         lambda i, axis=-1: stat_of(i),
@@ -224,6 +233,9 @@ def _image_resampled(stat_of, n_images: int, n_resamples: int, seed: int, batch:
 def _combine(per_seed: np.ndarray, image_res, method: str, images: int) -> Estimate:
     """Seeds (Student t, n-1 df) and images (bootstrap standard error) in one interval."""
     m = float(per_seed.mean())
+    if image_res is None:  # one image: its variation cannot be estimated, so no interval
+        sd = float(per_seed.std(ddof=1)) if len(per_seed) > 1 else None
+        return Estimate(m, NAN, NAN, len(per_seed), images, sd=sd, method=f"{method}: {ONE_IMAGE}")
     if len(per_seed) == 1:
         ci = image_res.confidence_interval
         return Estimate(m, float(ci.low), float(ci.high), 1, images, method=method + ", one seed: images only")
@@ -342,6 +354,9 @@ def class_intervals(
     arrs = [a[:, order] for a in arrs]
     s, n, _ = arrs[0].shape
     value = {k: _finite_mean(v) for k, v in class_scores(*arrs).items()}
+    if n < 2:  # one image: every resample is that image, so no interval
+        nan = {k: np.full_like(v, np.nan) for k, v in value.items()}
+        return ClassIntervals(value, nan, dict(nan), s, n)
     rng = _rng(seed)
     draws: dict[str, list[np.ndarray]] = {k: [] for k in value}
     for start in range(0, n_resamples, chunk):
