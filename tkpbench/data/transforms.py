@@ -87,8 +87,9 @@ class TKPViews:
 
     def __call__(self, img: Tensor, mask: Tensor | None = None) -> tuple[Tensor, ...]:
         s = self.size
-        resized = TF.resize(img, [s, s], antialias=True)
         crop = self._main_crop(img, mask)
+        # the whole image resized: the main view when not cropped, and the ET view's source
+        resized = TF.resize(img, [s, s], antialias=True) if crop is img or self.et else None
         main = resized if crop is img else TF.resize(crop, [s, s], antialias=True)
         flags = self._flags()
         main = dihedral(self._colour(main)[None], flags[None])[0]
@@ -160,8 +161,11 @@ def seg_train_transform(crop: int, scale_range: Sequence[float], mean, std) -> v
 def _apply_seeded(transform: v2.Compose, key: Any, *inputs: Any) -> Any:
     if isinstance(key, tuple):
         index, seed = key
+        # the CPU generator only: torch.manual_seed would also reseed every GPU's generator (in the
+        # training process with data.workers = 0, outside the fork) and, before CUDA is initialised,
+        # queue one lazy call with a formatted traceback per sample (8% of a demo step on the CPU)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return index, transform(*inputs)
     return key, transform(*inputs)
 
