@@ -20,9 +20,9 @@ test: install
 	$(BIN)/ruff format --check tkpbench tests
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# reproduce.sh voc with the paper's shapes on the real VOC sample (8+ minutes on 2 cores)
+# only the paper's shapes end to end (reproduce.sh voc on the real VOC sample; part of make test)
 test-paper: install
-	TKPBENCH_PAPER_TEST=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_paper_config.py
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_paper_config.py
 
 test-fast: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"

@@ -521,7 +521,31 @@ def _main(argv: list[str] | None = None) -> int:
         run_planned(chain, results, args.device)
     _stage("tkpbench.report", [str(args.results), "--runs", str(args.runs)], 1, lambda *_: None)
     print(f"{args.target}: finished in {time.perf_counter() - t0:.0f} s")
+    if args.target == "demo":
+        demo_learned(results, [c.cfg.name for c in planned])
     return 0
+
+
+DEMO_MARGIN = 25.0
+
+
+def demo_learned(results: ResultsDir, names: list[str]) -> None:
+    """The demo's self-check: every run's pseudo masks after the CRF must lie more than
+    ``DEMO_MARGIN`` points above predicting background everywhere (the demo's seeds reach 30-60
+    above it), so that a demo that stopped learning on some seed fails instead of averaging a
+    broken seed into its table. The tests train seed 0 of the demo; this checks every seed."""
+    failed = []
+    for name in names:
+        rec = load_summary(results.summary(name))["stages"]["mask"]
+        if not rec["miou_crf"] > rec["miou_all_background"] + DEMO_MARGIN:
+            failed.append(f"{name} ({rec['miou_crf']:.1f} after the CRF, all-background {rec['miou_all_background']:.1f})")
+    if failed:
+        raise PipelineError(
+            f"the demo did not learn: pseudo masks within {DEMO_MARGIN:.0f} points of all-background for "
+            + ", ".join(failed)
+            + f"; their records are in {results.root}; this is a defect of the code or of this machine's "
+            "numerics: please report it with those records"
+        )
 
 
 main = cli.entry(_main)
