@@ -159,25 +159,13 @@ def image_interval(
 ) -> Estimate:
     """mIoU of one run with a 95% percentile-bootstrap interval over its images. inter, union: (N, C)."""
     inter, union = np.asarray(inter), np.asarray(union)
-    if len(inter) < 2:  # nothing to resample: the value, and no interval
-        return Estimate(float(miou_from_counts(inter, union)), NAN, NAN, 1, len(inter), method=ONE_IMAGE)
     order = canonical_order(inter, union)
     inter, union = inter[order], union[order]
-
-    def stat(idx, axis=-1):
-        idx = np.asarray(idx, dtype=np.int64)
-        return miou_from_counts(inter[idx], union[idx])
-
-    res = st.bootstrap(
-        (np.arange(len(inter)),),
-        stat,
-        n_resamples=n_resamples,
-        vectorized=True,
-        batch=_batch(batch, *inter.shape),
-        method="percentile",
-        confidence_level=CONFIDENCE,
-        rng=_rng(seed),
+    res = _image_resampled(
+        lambda i: miou_from_counts(inter[i], union[i]), len(inter), n_resamples, seed, _batch(batch, *inter.shape)
     )
+    if res is None:  # nothing to resample: the value, and no interval
+        return Estimate(float(miou_from_counts(inter, union)), NAN, NAN, 1, len(inter), method=ONE_IMAGE)
     ci = res.confidence_interval
     return Estimate(
         float(miou_from_counts(inter, union)),
