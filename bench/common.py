@@ -87,6 +87,8 @@ def bench_model(device: torch.device, cfg: Config, batch: int, out: dict, peak: 
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # this step's memory, not an earlier check's
     dt = timeit(step, warmup=2 if device.type == "cuda" else 1, reps=10 if device.type == "cuda" else 1, sync=sync(device))
     vit = model.encoder.vit
     r = {

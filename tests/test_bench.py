@@ -73,6 +73,18 @@ def test_an_error_or_an_overrun_fails_the_check_and_not_the_others(tmp_path):
     assert "over its budget of 0 s" in rows[1]["note"]
 
 
+def test_without_pydensecrf_the_crf_check_compares_the_torch_crf_with_its_cpu_path(tmp_path, monkeypatch):
+    from tkpbench.data import synth
+
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)
+    small = synth.render
+    monkeypatch.setattr(synth, "render", lambda rng, h, w, c: small(rng, 48, 64, c))  # 10 images at 48 x 64
+    r = gc.check_crf(_ctx(tmp_path), 60)
+    assert r.status == "pass" and r.data["reference"] == "torch on the CPU", r
+    assert r.data["agreement_min"] == 1.0 and "against torch on the CPU" in r.note
+    assert dict((c.name, c.needs) for c in gc.CHECKS)["crf"] == ("rich",)
+
+
 def test_the_budgets_fit_eight_minutes_on_one_gpu_and_ten_on_two():
     one = sum(c.budget_s for c in gc.CHECKS if c.gpus <= 1)
     assert one <= 8 * 60

@@ -1,4 +1,5 @@
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -98,14 +99,17 @@ def test_synthetic_voc_and_coco_twins_agree(synth_root):
     assert np.array_equal(xml.all_tags(), voc.all_tags())
 
 
-def test_synthetic_generation_is_deterministic_per_seed(tmp_path):
+def test_synthetic_generation_is_deterministic_per_seed_with_or_without_the_coco_twin(tmp_path, monkeypatch):
     from tkpbench.data.synth import make_synthetic
 
-    for name in ("a", "b"):
-        make_synthetic(tmp_path / name, n=4, seed=7, size=(64, 64))
-    for sub in ("JPEGImages", "SegmentationClass"):
-        for f in (tmp_path / "a" / "VOC2012" / sub).iterdir():
-            assert f.read_bytes() == (tmp_path / "b" / "VOC2012" / sub / f.name).read_bytes()
+    make_synthetic(tmp_path / "a", n=4, seed=7, size=(64, 64))
+    monkeypatch.setitem(sys.modules, "pycocotools", None)  # a machine without pycocotools (make gpu-check's)
+    make_synthetic(tmp_path / "b", n=4, seed=7, size=(64, 64), coco=False)
+    files = sorted(f.relative_to(tmp_path / "a") for f in (tmp_path / "a" / "VOC2012").rglob("*") if f.is_file())
+    assert len(files) > 4 * 3
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert (tmp_path / "a" / "coco").is_dir() and not (tmp_path / "b" / "coco").exists()
 
 
 def test_train_aug_arithmetic():

@@ -12,7 +12,7 @@ from tkpbench.data import VOCSegmentation
 from tkpbench.data.common import read_mask
 from tkpbench.io import atomic_write_json
 from tkpbench.pipeline import PipelineError, check_data, main, run_chain
-from tkpbench.records import SCHEMA_VERSION, load_summary
+from tkpbench.records import SCHEMA_VERSION, command_line, load_summary
 from tkpbench.runs import ResultsDir, model_digest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +89,10 @@ def test_whole_chain_runs_then_a_rerun_skips_every_stage(synth_root, tmp_path, m
     save_config(cfg, tmp_path / "tiny.toml")
     logs: list[str] = []
     run_chain(tmp_path / "tiny.toml", [], tmp_path / "runs", tmp_path / "results", 1, log=logs.append)
-    assert str(tmp_path) not in (tmp_path / "results" / "tiny" / "summary.json").read_text()
+    text = (tmp_path / "results" / "tiny" / "summary.json").read_text()
+    assert str(tmp_path) not in text and str(REPO) not in text  # no path of this machine, commands included
+    commands = [s["command"] for s in json.loads(text)["stages"].values()]
+    assert commands and all(c.startswith(("python -m tkpbench.evaluate --", "python -m tkpbench.segment eval")) for c in commands)
     _moved_elsewhere_it_reports_from_there(tmp_path, monkeypatch)
     summary = load_summary(tmp_path / "results" / "tiny" / "summary.json")
     assert set(summary["stages"]) == {"mask", "seg"} and summary["synthetic"]
@@ -168,6 +171,15 @@ def test_num_classes_that_does_not_fit_the_dataset_is_refused(synth_root, tmp_pa
     cfg = tiny_config(synth_root / "VOC2012", model__num_classes="81")
     with pytest.raises(TrainingError, match="model.num_classes=21"):
         fit(TKPTask(cfg), cfg.to_dict(), tmp_path / "r", D.DistInfo(), progress=False)
+
+
+def test_a_command_is_recorded_as_typed_again_without_this_machines_paths():
+    pkg = REPO / "tkpbench"
+    assert command_line([str(pkg / "pipeline.py"), "demo"]) == "python -m tkpbench.pipeline demo"
+    assert command_line([str(pkg / "report" / "__main__.py"), "results"]) == "python -m tkpbench.report results"
+    assert command_line(["tkpbench segment", "eval", "--run-dir", "runs/x"]) == "tkpbench segment eval --run-dir runs/x"
+    assert command_line(["/home/me/bench/stages.py", "--quick"]) == "python stages.py --quick"
+    assert command_line([]) == ""
 
 
 @pytest.mark.slow

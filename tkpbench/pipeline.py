@@ -155,9 +155,12 @@ def _in_process(module: str, args: list[str]) -> int:
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, term)
+    stage = importlib.import_module(module)
+    argv, sys.argv = sys.argv, [stage.__file__, *args]  # its records name the stage's own command
     try:
-        rc = importlib.import_module(module).main(args)
+        rc = stage.main(args)
     finally:
+        sys.argv = argv
         signal.signal(signal.SIGTERM, old)
     return 128 + signal.SIGTERM if got and rc == 130 else rc
 
@@ -363,8 +366,8 @@ def selection_steps(chain: Chain, results: ResultsDir, common: list[str], log) -
 
 
 def _relative(path: Path) -> str:
-    """``path`` as the stages are given it: relative to the current folder when it lies inside it,
-    so the commands that records keep do not name the folder they ran in."""
+    """``path`` as the stages are given it (configs, runs, results): relative to the current folder
+    when it lies inside it, so the commands that records keep do not name the folder they ran in."""
     try:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
@@ -377,7 +380,7 @@ def prepare(cfg_path: Path, overrides: list[str], runs: Path, slots: int, seg: b
     log("\n".join(check_data(cfg)))
     resolve_device(device, cfg.synthetic)  # a real run without a usable GPU stops here, with the reason
     conf = ["--config", _relative(cfg_path), *[x for ov in overrides for x in ("--set", ov)]]
-    chain = Chain(cfg, conf, RunDir(runs / cfg.name), seg)
+    chain = Chain(cfg, conf, RunDir(Path(_relative(runs)) / cfg.name), seg)
     chain.plan = chain_plan(cfg, slots, chain.stages)
     return chain
 
@@ -407,7 +410,7 @@ def run_chain(
     """Check, plan and run one chain (``prepare`` + ``run_planned``). Returns the run name."""
     chain = prepare(cfg_path, overrides, runs, slots, seg, device, log)
     log(format_plan(chain.cfg.name, chain.plan))
-    return run_planned(chain, ResultsDir(results), device, log)
+    return run_planned(chain, ResultsDir(Path(_relative(results))), device, log)
 
 
 def sweep_configs(base: Path, out_dir: Path) -> list[Path]:
@@ -516,7 +519,7 @@ def _main(argv: list[str] | None = None) -> int:
     ]
     for chain in planned:
         print(format_plan(chain.cfg.name, chain.plan))
-    results = ResultsDir(args.results)
+    results = ResultsDir(Path(_relative(args.results)))
     for chain in planned:
         run_planned(chain, results, args.device)
     _stage("tkpbench.report", [str(args.results), "--runs", str(args.runs)], 1, lambda *_: None)

@@ -135,8 +135,29 @@ def stamp(rec: StageRecord, wall_time_s: float) -> StageRecord:
     rec.machine = machine_info()
     rec.date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     rec.wall_time_s = round(wall_time_s, 2)
-    rec.command = " ".join([Path(sys.executable).name, *sys.argv]) if sys.argv else ""
+    rec.command = command_line(sys.argv)
     return rec
+
+
+def command_line(argv: list[str]) -> str:
+    """The command as a user would type it again, with no path of the machine it ran on: a
+    module of this package run as a script (``python -m tkpbench.pipeline`` puts the module's
+    absolute path in ``argv[0]``) is written ``python -m tkpbench.<module>``."""
+    if not argv:
+        return ""
+    first = Path(argv[0])
+    package = Path(__file__).resolve().parent
+    if first.suffix == ".py" and first.is_absolute():
+        try:
+            parts = first.resolve().relative_to(package.parent).with_suffix("").parts
+        except ValueError:
+            head = ["python", first.name]  # a script outside the package: its name only
+        else:
+            module = ".".join(parts[:-1] if parts[-1] == "__main__" else parts)
+            head = ["python", "-m", module]
+    else:
+        head = ["python", argv[0]] if first.suffix == ".py" else [argv[0]]
+    return " ".join([*head, *argv[1:]])
 
 
 def write_stage(results_dir: Path, run: str, rec: StageRecord, config: dict[str, Any]) -> Path:

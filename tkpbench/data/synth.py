@@ -121,20 +121,28 @@ def _xml(image_id: str, h: int, w: int, instances) -> str:
 
 
 def make_synthetic(
-    root: str | Path, n: int = 200, seed: int = 0, size: tuple[int, int] = (120, 160), num_classes: int = 20, val_every: int = 5
+    root: str | Path,
+    n: int = 200,
+    seed: int = 0,
+    size: tuple[int, int] = (120, 160),
+    num_classes: int = 20,
+    val_every: int = 5,
+    coco: bool = True,
 ) -> dict[str, int]:
-    """Write ``root/VOC2012`` (devkit layout) and ``root/coco`` (COCO 2014 layout). Returns split sizes.
+    """Write ``root/VOC2012`` (devkit layout) and, with ``coco``, ``root/coco`` (COCO 2014 layout, the
+    same images; it needs pycocotools). Returns the VOC split sizes; the VOC data is the same either way.
 
     Image sizes vary by +-20 % around ``size`` (h, w). Every ``val_every``-th image is val;
     of the rest, the first half is ``train`` and all of them are ``train_aug``.
     """
-    from pycocotools import mask as mask_utils  # here, not at the top: VOC-only machines need no pycocotools
+    if coco:  # here, not at the top: VOC-only machines need no pycocotools
+        from pycocotools import mask as mask_utils
 
     if not 1 <= num_classes <= 20:
         raise ValueError(f"num_classes must be in [1, 20] (VOC's foreground classes), got {num_classes}")
     root = Path(root)
     voc = root / "VOC2012"
-    coco = root / "coco"
+    coco_dir = root / "coco"
     rng = np.random.default_rng(seed)
     ids, val, rest = [], [], []
     coco_split: dict[str, dict] = {
@@ -162,9 +170,11 @@ def make_synthetic(
         ids.append(image_id)
         split = "val2014" if i % val_every == val_every - 1 else "train2014"
         (val if split == "val2014" else rest).append(image_id)
+        if not coco:
+            continue
         coco_id = i + 1
         fname = f"COCO_{split}_{coco_id:012d}.jpg"
-        atomic_write_bytes(coco / split / fname, jpg)
+        atomic_write_bytes(coco_dir / split / fname, jpg)
         coco_split[split]["images"].append({"id": coco_id, "file_name": fname, "height": h, "width": w})
         for c, m in instances:
             rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
@@ -181,14 +191,15 @@ def make_synthetic(
                 }
             )
             ann_id += 1
-    # one COCO training image without annotations: loaders must leave it out and count it
-    empty_id = n + 1
-    empty = np.full((size[0], size[1], 3), 128, dtype=np.uint8)
-    fname = f"COCO_train2014_{empty_id:012d}.jpg"
-    atomic_write_bytes(coco / "train2014" / fname, _jpeg(empty))
-    coco_split["train2014"]["images"].append({"id": empty_id, "file_name": fname, "height": size[0], "width": size[1]})
-    for s, d in coco_split.items():
-        atomic_write_json(coco / "annotations" / f"instances_{s}.json", d)
+    if coco:
+        # one COCO training image without annotations: loaders must leave it out and count it
+        empty_id = n + 1
+        empty = np.full((size[0], size[1], 3), 128, dtype=np.uint8)
+        fname = f"COCO_train2014_{empty_id:012d}.jpg"
+        atomic_write_bytes(coco_dir / "train2014" / fname, _jpeg(empty))
+        coco_split["train2014"]["images"].append({"id": empty_id, "file_name": fname, "height": size[0], "width": size[1]})
+        for s, d in coco_split.items():
+            atomic_write_json(coco_dir / "annotations" / f"instances_{s}.json", d)
     train = rest[: max(1, len(rest) // 2)]
     lists = {"train": train, "val": val, "trainval": sorted(train + val), "train_aug": rest}
     for name, lst in lists.items():
