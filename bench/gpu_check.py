@@ -13,8 +13,8 @@ Checks (each with a time budget; a check over its budget fails):
   tflops   one TKP-PCL training step (ViT-B/16 at 384, batch 16, random weights, the fine-tuning phase):
            model TFLOP/s against the measured peak
   pseudo   pseudo masks at 960 of one model in bf16 autocast against fp32 (TF32 off): pixel agreement
-  crf      the torch CRF on the GPU against pydensecrf on VOC val images (generated ones without the
-           VOC sample): argmax agreement and images/s
+  crf      the torch CRF on the GPU against pydensecrf (without it: against the torch CRF on the CPU) on
+           VOC val images (generated ones without the VOC sample): argmax agreement and images/s
   deeplab  DeepLab-v2 ResNet-101 with MSC, channels_last and bf16: a few training steps and an evaluation
   ddp      ``tkpbench.train`` on 2 processes (NCCL) across the unfreeze with ET and LSTM dropout, tiny ViT
            on generated data: no DDP error, and every tensor of every unfrozen block moved
@@ -22,8 +22,9 @@ Checks (each with a time budget; a check over its budget fails):
            resumes from the step it saved
   nan      ``tkpbench.train`` with lr 1e30: exactly one 'non-finite loss' error line and a diagnostic checkpoint
 
-A check whose package is missing (pydensecrf, pycocotools for the generated data and the training
-stage, rich for its progress) is skipped with the package named; ``ddp`` needs two GPUs. Without a
+A check whose package is missing (rich, for the progress of tkpbench's stages) is skipped with the
+package named; pydensecrf and pycocotools are not needed (the generated data is VOC-only). ``ddp``
+needs two GPUs. Without a
 usable GPU the script says why and exits 0. ``--cpu-dry-run`` runs ``ddp`` (gloo), ``sigterm`` and
 ``nan`` on the CPU. Exit status: 1 when a check failed, else 0. The record goes to
 ``bench/gpu-check-<gpu>-<commit>.json`` (``--out`` to choose).
