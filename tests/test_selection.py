@@ -2,6 +2,7 @@
 val tag F1) beside final.pt, of the right epochs, exactly across a resume."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from helpers import run_until_killed, tiny_config
 from tkpbench import distributed as D
 from tkpbench.engine import fit
 from tkpbench.errors import CheckpointError
-from tkpbench.runs import RunDir, load_checkpoint, load_final
+from tkpbench.io import atomic_write_json
+from tkpbench.runs import ResultsDir, RunDir, load_checkpoint, load_final
 from tkpbench.train import TKPTask
 
 CPU = D.DistInfo()
@@ -160,3 +162,16 @@ def test_the_chain_scores_each_distinct_selection_once_and_a_rerun_skips_them(sy
     ran = [line for line in logs if line.startswith("$ ")]
     assert len(ran) == 2 and all("--selection best_f1" in c for c in ran), ran
     assert "tkpbench.pseudo" in ran[0] and "tkpbench.refine" in ran[1]
+    # a record of a selection that holds no weights of its own now (best.pt is final.pt's weights; as
+    # results committed from a machine where the best epoch was another) is dropped with its counts
+    results = ResultsDir(tmp_path / "results")
+    summary = load_summary(results.summary("tiny"))
+    summary["stages"]["mask@best"] = {**summary["stages"]["mask@last"], "model_sha256": "0" * 16}
+    atomic_write_json(results.summary("tiny"), summary)
+    shutil.copy(results.counts("tiny", "mask@last"), results.counts("tiny", "mask@best"))
+    logs.clear()
+    run_chain(tmp_path / "tiny.toml", [], tmp_path / "runs", tmp_path / "results", 1, seg=False, log=logs.append)
+    assert not any(line.startswith("$ ") for line in logs), logs
+    assert any(line.startswith("[drop] mask@best of tiny") for line in logs), logs
+    assert set(load_summary(results.summary("tiny"))["stages"]) == {"mask", "mask@last", "mask@best_f1"}
+    assert not results.counts("tiny", "mask@best").exists() and results.counts("tiny", "mask@last").is_file()

@@ -53,7 +53,7 @@ from tkpbench.device import resolve as resolve_device
 from tkpbench.errors import Interrupted, UserError
 from tkpbench.io import atomic_write_json
 from tkpbench.plan import StagePlan, chain_plan, format_plan
-from tkpbench.records import load_summary
+from tkpbench.records import drop_stages, load_summary
 from tkpbench.runs import (
     SELECTIONS,
     ResultsDir,
@@ -394,7 +394,29 @@ def run_planned(chain: Chain, results: ResultsDir, device: str | None = None, lo
             log(f"[skip] {step.what}")
             continue
         _stage(step.module, step.args, chain.plan[step.stage].nproc, log)
+    drop_stale_selections(chain, results, log)
     return chain.cfg.name
+
+
+def drop_stale_selections(chain: Chain, results: ResultsDir, log=print) -> None:
+    """Drop the ``mask@<selection>`` records that no longer describe this run's weights: the
+    selection's file is gone, now holds final.pt's (or an earlier selection's) weights, which the
+    "mask" record then names, or other weights than the record measured (records committed from
+    another machine, where the best epoch was another). Left in place, they would sit beside the
+    run's own records in summary.json, measured on weights that no longer exist."""
+    path = results.summary(chain.cfg.name)
+    if not path.is_file():
+        return
+    run = RunDir(chain.run.root)
+    leads = weights_groups(run)
+    stale = []
+    for stage, rec in load_summary(path)["stages"].items():
+        head, _, sel = stage.partition("@")
+        if head == "mask" and sel and (sel not in leads or rec.get("model_sha256") != model_digest(run.weights(sel))):
+            stale.append(stage)
+    if stale:
+        log(f"[drop] {', '.join(stale)} of {chain.cfg.name}: measured other weights than this run's selections hold now")
+        drop_stages(results.root, chain.cfg.name, stale)
 
 
 def run_chain(

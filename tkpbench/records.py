@@ -182,6 +182,17 @@ def write_stage(results_dir: Path, run: str, rec: StageRecord, config: dict[str,
     return path
 
 
+def drop_stages(results_dir: Path, run: str, stages: list[str]) -> None:
+    """Remove ``stages``' records (and their counts files) from ``run``'s summary.json (atomic)."""
+    res = ResultsDir(results_dir)
+    path = res.summary(run)
+    data = load_summary(path)
+    for stage in stages:
+        data["stages"].pop(stage, None)
+        res.counts(run, stage).unlink(missing_ok=True)
+    atomic_write_json(path, data)
+
+
 def load_summary(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text())
