@@ -146,3 +146,17 @@ def test_the_pipeline_holds_no_cuda_context_while_gpu_stages_run(monkeypatch):
     pipeline._stage("tkpbench.pseudo", ["--run-dir", "r"], 1, lambda *_: None)
     assert called[-1] == "in"
     assert re.search("largest", pipeline.__doc__)
+
+
+def test_the_driver_version_comes_from_proc_else_from_nvidia_smi(tmp_path, monkeypatch):
+    proc = tmp_path / "version"
+    proc.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build\n")
+    assert device.driver_version(proc) == "580.65.06"
+    smi = tmp_path / "bin" / "nvidia-smi"  # a container that hides /proc/driver/nvidia but has nvidia-smi
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\necho 550.54.15\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(smi.parent))
+    assert device.driver_version(tmp_path / "absent") == "550.54.15"
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert device.driver_version(tmp_path / "absent") is None

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,12 +42,23 @@ def cpus_per_process() -> int:
     return max(1, usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def driver_version() -> str | None:
-    """The loaded NVIDIA kernel driver's version ("580.65.06"), or None when none is loaded."""
+def driver_version(proc: Path = Path("/proc/driver/nvidia/version")) -> str | None:
+    """The loaded NVIDIA kernel driver's version ("580.65.06"), or None when none is loaded. From
+    ``proc``, else from ``nvidia-smi`` (containers and sandboxes may hide /proc/driver/nvidia)."""
     try:
-        text = Path("/proc/driver/nvidia/version").read_text()
+        text = proc.read_text()
     except OSError:
-        return None
+        text = ""
+    if not text and shutil.which("nvidia-smi"):
+        try:
+            text = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            text = ""
     for word in text.split():
         parts = word.split(".")
         if len(parts) >= 2 and all(p.isdigit() for p in parts):

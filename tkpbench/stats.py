@@ -40,9 +40,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import stats as st
 
 from tkpbench.io import atomic_write_bytes
+
+
+def _scipy_stats():
+    """``scipy.stats``, imported on first use (0.5 s): every stage that scores imports this module,
+    and only its rank 0 computes an interval."""
+    from scipy import stats
+
+    return stats
+
 
 CONFIDENCE = 0.95
 
@@ -184,7 +192,7 @@ def seed_interval(values: list[float] | np.ndarray) -> Estimate:
     if len(v) < 2:
         return Estimate(m, float("nan"), float("nan"), len(v), method="one seed: no spread")
     sd = float(v.std(ddof=1))
-    lo, hi = st.t.interval(CONFIDENCE, len(v) - 1, loc=m, scale=sd / np.sqrt(len(v))) if sd > 0 else (m, m)
+    lo, hi = _scipy_stats().t.interval(CONFIDENCE, len(v) - 1, loc=m, scale=sd / np.sqrt(len(v))) if sd > 0 else (m, m)
     return Estimate(m, float(lo), float(hi), len(v), sd=sd, method="Student t over seeds")
 
 
@@ -206,7 +214,7 @@ def _image_resampled(stat_of, n_images: int, n_resamples: int, seed: int, batch:
     error); None for fewer than two images, where there is nothing to resample."""
     if n_images < 2:
         return None
-    return st.bootstrap(
+    return _scipy_stats().bootstrap(
         (np.arange(n_images),),
         lambda i, axis=-1: stat_of(i),
         n_resamples=n_resamples,
@@ -229,7 +237,7 @@ def _combine(per_seed: np.ndarray, image_res, method: str, images: int) -> Estim
         return Estimate(m, float(ci.low), float(ci.high), 1, images, method=method + ", one seed: images only")
     sd = float(per_seed.std(ddof=1))
     se = float(np.sqrt(sd**2 / len(per_seed) + image_res.standard_error**2))
-    q = float(st.t.ppf(0.5 + CONFIDENCE / 2, len(per_seed) - 1))
+    q = float(_scipy_stats().t.ppf(0.5 + CONFIDENCE / 2, len(per_seed) - 1))
     return Estimate(m, m - q * se, m + q * se, len(per_seed), images, sd=sd, method=method)
 
 
@@ -410,7 +418,7 @@ def image_changes(a_inter: np.ndarray, a_union: np.ndarray, b_inter: np.ndarray,
     delta = a - b
     up, down, n = int((delta > 0).sum()), int((delta < 0).sum()), len(delta)
     if n:
-        ci = st.binomtest(up, n).proportion_ci(CONFIDENCE, method="wilson")
+        ci = _scipy_stats().binomtest(up, n).proportion_ci(CONFIDENCE, method="wilson")
         share = Estimate(
             100 * up / n, float(100 * ci.low), float(100 * ci.high), 1, n, method="Wilson score interval over images"
         )

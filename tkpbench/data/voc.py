@@ -25,7 +25,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from scipy.io import loadmat
 
 from tkpbench.data.common import VOC_CLASSES, DatasetError, read_image, read_mask, save_mask, tags_from_mask
 from tkpbench.data.tagcache import cached_tags
@@ -154,6 +153,8 @@ def train_aug_ids(voc_train: list[str], voc_val: list[str], sbd_train: list[str]
 
 
 def _load_sbd_cls(path: Path) -> np.ndarray:
+    from scipy.io import loadmat  # here: every stage imports this module, only the SBD conversion reads .mat (0.3 s)
+
     try:
         mat = loadmat(str(path), squeeze_me=True, struct_as_record=False)
         return np.asarray(mat["GTcls"].Segmentation, dtype=np.uint8)
