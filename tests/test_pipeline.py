@@ -177,6 +177,7 @@ def test_a_command_is_recorded_as_typed_again_without_this_machines_paths():
     pkg = REPO / "tkpbench"
     assert command_line([str(pkg / "pipeline.py"), "demo"]) == "python -m tkpbench.pipeline demo"
     assert command_line([str(pkg / "report" / "__main__.py"), "results"]) == "python -m tkpbench.report results"
+    assert command_line([str(pkg / "report" / "__init__.py"), "results"]) == "python -m tkpbench.report results"
     assert command_line(["tkpbench segment", "eval", "--run-dir", "runs/x"]) == "tkpbench segment eval --run-dir runs/x"
     assert command_line(["/home/me/bench/stages.py", "--quick"]) == "python stages.py --quick"
     assert command_line([]) == ""

@@ -83,7 +83,7 @@ def git_commit() -> str:
 def _cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's name with its family and model numbers and the vector instructions torch's CPU
     kernels use: a name alone ("AMD EPYC" in a VM) covers generations whose kernels give other
-    figures (measured: the demo's models differ between two "AMD EPYC" machines, AVX2 and AVX512)."""
+    figures (measured: the demo retrained other models on two machines that both said "AMD EPYC")."""
     fields: dict[str, str] = {}
     try:
         for line in cpuinfo.read_text().splitlines():
@@ -163,7 +163,7 @@ def command_line(argv: list[str]) -> str:
         except ValueError:
             head = ["python", first.name]  # a script outside the package: its name only
         else:
-            module = ".".join(parts[:-1] if parts[-1] == "__main__" else parts)
+            module = ".".join(parts[:-1] if parts[-1] in ("__main__", "__init__") else parts)
             head = ["python", "-m", module]
     else:
         head = ["python", argv[0]] if first.suffix == ".py" else [argv[0]]
