@@ -66,11 +66,17 @@ SAMPLE_VOC = REPO.parent / "shared/data/voc2012-sample/VOC2012"
 TRAINING = ("rich",)
 # environment variables that make "fp32" matmuls run in TF32 whatever torch's switches say
 TF32_OVERRIDES = ("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "NVIDIA_TF32_OVERRIDE")
+
 # the tiny training runs: configs/demo.toml (4-block ViT-Tiny at 128, generated data) on a smaller set
 TINY = ["train.batch_size=8", "train.eval_every=0", "train.keep=last", "data.workers=0"]
 # --cpu-dry-run: budgets times this (a tiny training step on 2 shared CPU cores is ~10x a GPU's)
 DRY_RUN_SLACK = 5
 AGREEMENT_FLOOR = {"pseudo": 0.99, "crf": 0.999}  # below: fail (CPU CRF measured 1.0, bench/crf-agreement-cpu.json)
+
+
+def tf32_env_overrides() -> dict[str, str]:
+    """The ``TF32_OVERRIDES`` set in this environment, with their values."""
+    return {k: os.environ[k] for k in TF32_OVERRIDES if k in os.environ}
 
 
 @dataclass
@@ -200,7 +206,7 @@ def check_cuda(ctx: Context, budget: int) -> Result:
         errors.append(float((got - ref).abs().max() / ref.abs().max()))
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else ""
     figure = f"{n}x {torch.cuda.get_device_name(0)}, sm_{cap[0]}{cap[1]}, CUDA {torch.version.cuda}, driver {driver_version()}"
-    overrides = {k: os.environ[k] for k in TF32_OVERRIDES if k in os.environ}
+    overrides = tf32_env_overrides()
     return verdict(
         max(errors) < 1e-4,
         figure,
@@ -253,15 +259,16 @@ def check_pseudo(ctx: Context, budget: int) -> Result:
     max_diff = float((probs - probs_bf16).abs().max())
     top2 = probs.topk(2, dim=1).values
     decided = (top2[:, 0] - top2[:, 1]) >= 0.05
+    compared = float(decided.float().mean())
     overall, firm = pixel_agreement(ref, got), pixel_agreement(ref, got, decided)
     return verdict(  # at least 5% of the pixels compared: an agreement over no pixels is no evidence
-        firm >= AGREEMENT_FLOOR["pseudo"] and float(decided.float().mean()) >= 0.05,
+        firm >= AGREEMENT_FLOOR["pseudo"] and compared >= 0.05,
         f"{firm:.4f} agree",
-        f"on pixels with an fp32 top-2 margin >= 0.05 ({float(decided.float().mean()):.0%}); all pixels {overall:.4f}; "
+        f"on pixels with an fp32 top-2 margin >= 0.05 ({compared:.0%}); all pixels {overall:.4f}; "
         f"max |p_bf16 - p_fp32| {max_diff:.3f}; random weights",
         agreement_decided=firm,
         agreement_all=overall,
-        decided_fraction=float(decided.float().mean()),
+        decided_fraction=compared,
         max_abs_prob_diff=max_diff,
     )
 
@@ -576,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         "driver": driver_version() or "",
         "wall_s": round(time.perf_counter() - t0, 1),
         "cuda_init_s": cuda_init_s,
-        "tf32_env_overrides": {k: os.environ[k] for k in TF32_OVERRIDES if k in os.environ},
+        "tf32_env_overrides": tf32_env_overrides(),
         "counts": counts,
         "checks": rows,
         **rec,

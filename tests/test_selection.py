@@ -162,16 +162,16 @@ def test_the_chain_scores_each_distinct_selection_once_and_a_rerun_skips_them(sy
     ran = [line for line in logs if line.startswith("$ ")]
     assert len(ran) == 2 and all("--selection best_f1" in c for c in ran), ran
     assert "tkpbench.pseudo" in ran[0] and "tkpbench.refine" in ran[1]
-    # a record of a selection that holds no weights of its own now (best.pt is final.pt's weights; as
-    # results committed from a machine where the best epoch was another) is dropped with its counts
+    # a record of a selection that holds no weights of its own now (best_miou's best.pt is final.pt's
+    # weights; as results committed from a machine where the best epoch was another) is dropped with its counts
     results = ResultsDir(tmp_path / "results")
     summary = load_summary(results.summary("tiny"))
-    summary["stages"]["mask@best"] = {**summary["stages"]["mask@last"], "model_sha256": "0" * 16}
+    summary["stages"]["mask@best_miou"] = {**summary["stages"]["mask@last"], "model_sha256": "0" * 16}
     atomic_write_json(results.summary("tiny"), summary)
-    shutil.copy(results.counts("tiny", "mask@last"), results.counts("tiny", "mask@best"))
+    shutil.copy(results.counts("tiny", "mask@last"), results.counts("tiny", "mask@best_miou"))
     logs.clear()
     run_chain(tmp_path / "tiny.toml", [], tmp_path / "runs", tmp_path / "results", 1, seg=False, log=logs.append)
     assert not any(line.startswith("$ ") for line in logs), logs
-    assert any(line.startswith("[drop] mask@best of tiny") for line in logs), logs
+    assert any(line.startswith("[drop] mask@best_miou of tiny") for line in logs), logs
     assert set(load_summary(results.summary("tiny"))["stages"]) == {"mask", "mask@last", "mask@best_f1"}
-    assert not results.counts("tiny", "mask@best").exists() and results.counts("tiny", "mask@last").is_file()
+    assert not results.counts("tiny", "mask@best_miou").exists() and results.counts("tiny", "mask@last").is_file()
